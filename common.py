@@ -1,0 +1,248 @@
+"""Pieces that both detectors share: the backbone with FPN, locations, IoU and NMS.
+
+Conventions (every other module points here)
+--------------------------------------------
+Boxes
+    Absolute input-pixel floats ``(x1, y1, x2, y2)``; x runs along the width. A valid box has
+    ``x1 < x2`` and ``y1 < y2``. Coordinates are continuous: a box's width is ``x2 - x1`` (no +1).
+Ground truth
+    One image: ``(M, 5)`` rows ``(x1, y1, x2, y2, C)`` with the class ``C`` in ``0..K-1`` stored as
+    a float. A batch: ``(B, M, 5)``. Padding rows are all ``-1``; the datasets pad to ``M = 40``.
+Sentinels
+    A location or anchor matched to background gets the row ``(-1, -1, -1, -1, -1)``. An anchor that
+    R-CNN matching ignores ("neutral") gets all five values ``-1e8``.
+FPN levels
+    ``"p3", "p4", "p5"`` with strides 8, 16, 32. A 224 x 224 image has 28*28 + 14*14 + 7*7 = 1029
+    locations.
+Location order
+    Row-major: index ``i * Wl + j`` is the location at row ``i``, column ``j``, whose centre is
+    ``x = (j + 0.5) * stride``, ``y = (i + 0.5) * stride``. This is exactly the order in which
+    ``feature.permute(0, 2, 3, 1).reshape(B, Hl * Wl, C)`` flattens a head's output, so targets
+    and predictions line up. (The original course assignment swapped x and y here, which silently
+    halved the mAP of everyone who matched it.)
+
+Dimension letters
+    B images in a batch, K classes (no background), L FPN levels, Hl x Wl the size of level l,
+    HW all locations of an image over all levels, A anchors per location, HWA all anchors of an
+    image, M ground-truth rows, P proposals, N any other count of boxes.
+"""
+
+import os
+from typing import Dict, Mapping, Sequence, Union
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import feature_extraction
+
+TensorDict = Dict[str, torch.Tensor]
+
+FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+
+# RegNetX-400MF stages that give c3, c4, c5 (strides 8, 16, 32) and their widths.
+_TRUNK_NODES = {"trunk_output.block2": "c3", "trunk_output.block3": "c4", "trunk_output.block4": "c5"}
+_TRUNK_CHANNELS = {"c3": 64, "c4": 160, "c5": 400}
+
+# Boxes that NMS settles together; 256 keeps each IoU block small and the Python loop short.
+_NMS_BLOCK = 256
+
+
+def hello_common():
+    print("Hello from common.py!")
+
+
+def _imagenet_regnet_state_dict() -> TensorDict:
+    """torchvision's ImageNet weights for RegNetX-400MF, from the torch hub cache or the network."""
+    weights = torchvision.models.RegNet_X_400MF_Weights.DEFAULT
+    cache_file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+    except Exception as error:  # no network, a proxy, a truncated download: all end here
+        raise RuntimeError(
+            "Could not get the ImageNet weights of RegNetX-400MF "
+            f"({type(error).__name__}: {error}).\n"
+            f"torchvision looks for them in {cache_file} and downloads them from {weights.url}.\n"
+            "To fix this, either put that file there (download it on a machine with internet), "
+            "or pass pretrained=<path to a saved state dict of torchvision's regnet_x_400mf>, "
+            "or pass pretrained=False to start from random weights."
+        ) from error
+
+
+def _load_trunk_weights(trunk: nn.Module, pretrained: Union[bool, str, os.PathLike]) -> None:
+    if pretrained is False:
+        return
+    if pretrained is True:
+        state_dict = _imagenet_regnet_state_dict()
+    else:
+        path = os.fspath(pretrained)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No weights file at {path!r}. Pass the path of a state dict saved from torchvision's "
+                "regnet_x_400mf, pretrained=True for the ImageNet weights, or pretrained=False."
+            )
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    # The classifier ("fc.*") is not part of the trunk; every other key must fit exactly.
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    trunk.load_state_dict(state_dict, strict=False)
+    missing = [k for k in trunk.state_dict() if k not in state_dict and not k.startswith("fc.")]
+    if missing:
+        raise RuntimeError(f"The weights in {pretrained!r} are not RegNetX-400MF weights: missing {missing[:3]}...")
+
+
+class DetectorBackboneWithFPN(nn.Module):
+    """RegNetX-400MF trunk (c3, c4, c5) followed by a Feature Pyramid Network (p3, p4, p5).
+
+    FPN (Lin et al., 2017, Sec. 3): 1x1 lateral convs bring every stage to ``out_channels``; a
+    top-down pathway adds each coarser map, upsampled, to the finer one; a 3x3 conv smooths each
+    sum. Inputs of any size work; sides that are multiples of 32 give exact strides.
+
+    Args:
+        out_channels: channels C of every FPN level.
+        pretrained: ``True`` for torchvision's ImageNet weights, a path to a saved state dict of
+            ``torchvision.models.regnet_x_400mf``, or ``False`` for random initialisation.
+    """
+
+    def __init__(self, out_channels: int, pretrained: Union[bool, str, os.PathLike] = True):
+        super().__init__()
+        self.out_channels = out_channels
+        trunk = torchvision.models.regnet_x_400mf(weights=None)
+        _load_trunk_weights(trunk, pretrained)
+        self.backbone = feature_extraction.create_feature_extractor(trunk, return_nodes=_TRUNK_NODES)
+        self.fpn_params = nn.ModuleDict()
+        for c_name, level in zip(("c3", "c4", "c5"), FPN_STRIDES):
+            self.fpn_params[f"lateral_{level}"] = nn.Conv2d(_TRUNK_CHANNELS[c_name], out_channels, 1)
+            self.fpn_params[f"output_{level}"] = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+
+    @property
+    def fpn_strides(self) -> Dict[str, int]:
+        return dict(FPN_STRIDES)
+
+    def forward(self, images: torch.Tensor) -> TensorDict:
+        """Args: images (B, 3, H, W). Returns: {"p3": (B, C, H/8, W/8), "p4": .../16, "p5": .../32}."""
+        c_feats = self.backbone(images)
+        fpn_feats = {}
+        top_down = None
+        for c_name, level in reversed(list(zip(("c3", "c4", "c5"), FPN_STRIDES))):
+            lateral = self.fpn_params[f"lateral_{level}"](c_feats[c_name])
+            if top_down is not None:
+                lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            top_down = lateral
+            fpn_feats[level] = self.fpn_params[f"output_{level}"](lateral)
+        return {level: fpn_feats[level] for level in FPN_STRIDES}
+
+
+def get_fpn_location_coords(
+    shape_per_fpn_level: Mapping[str, Sequence[int]],
+    strides_per_fpn_level: Mapping[str, int],
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> TensorDict:
+    """Centres of every feature location, in input-image pixels, in row-major order.
+
+    Args:
+        shape_per_fpn_level: {level: shape of that level's features, (B, C, Hl, Wl)}; the
+            feature tensors themselves are accepted too.
+        strides_per_fpn_level: {level: stride}.
+    Returns:
+        {level: (Hl*Wl, 2)} of ``(x, y)``; row ``i * Wl + j`` is ``((j + 0.5) * s, (i + 0.5) * s)``.
+    """
+    locations = {}
+    for level, shape in shape_per_fpn_level.items():
+        stride = strides_per_fpn_level[level]
+        Hl, Wl = (shape.shape if torch.is_tensor(shape) else shape)[-2:]
+        ys = (torch.arange(Hl, dtype=dtype, device=device) + 0.5) * stride
+        xs = (torch.arange(Wl, dtype=dtype, device=device) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        locations[level] = torch.stack([grid_x, grid_y], dim=-1).reshape(Hl * Wl, 2)  # (Hl, Wl, 2) -> (HlWl, 2)
+    return locations
+
+
+def cat_across_fpn_levels(dict_with_fpn_levels: TensorDict, dim: int = 1) -> torch.Tensor:
+    """Concatenate per-level tensors along ``dim`` in level order p3, p4, p5 (the one place we do)."""
+    return torch.cat(list(dict_with_fpn_levels.values()), dim=dim)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Area of (..., 4) boxes; inverted sides count as zero, so areas are never negative."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def clip_boxes_to_image(boxes: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+    """Clip (..., 4) boxes to an image of ``image_size = (H, W)``; returns a new tensor."""
+    H, W = image_size
+    return torch.minimum(boxes.clamp(min=0), boxes.new_tensor([W, H, W, H]))
+
+
+def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise intersection over union.
+
+    Args:
+        boxes1: (M, 4) and boxes2: (N, 4), ``(x1, y1, x2, y2)``.
+    Returns:
+        (M, N) IoU in [0, 1]. Pairs whose union is empty (two zero-area boxes) give 0, never NaN.
+    """
+    x1 = torch.maximum(boxes1[:, None, 0], boxes2[None, :, 0])  # (M, N)
+    y1 = torch.maximum(boxes1[:, None, 1], boxes2[None, :, 1])
+    x2 = torch.minimum(boxes1[:, None, 2], boxes2[None, :, 2])
+    y2 = torch.minimum(boxes1[:, None, 3], boxes2[None, :, 3])
+    intersection = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - intersection
+    return intersection / union.clamp(min=torch.finfo(union.dtype).tiny)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
+    """Greedy non-maximum suppression, equal to ``torchvision.ops.nms``.
+
+    Greedy NMS walks the boxes by decreasing score and keeps a box iff no box kept before it
+    overlaps it with IoU > threshold. We walk in blocks of ``_NMS_BLOCK`` boxes instead of one box
+    at a time: a block's boxes are first checked against every box kept so far (one IoU matrix),
+    then the rule is solved inside the block as a fixed point (Cluster-NMS, Zheng et al. 2020,
+    Sec. 3.1): start with every surviving box kept and repeatedly drop each box that a kept,
+    higher-scoring box of the block overlaps, until a pass changes nothing. Each pass settles at
+    least one more box, and in practice a few passes suffice. IoUs are compared in float64, as
+    torchvision's kernel does, so that a pair at exactly the threshold is treated the same way.
+
+    Args:
+        boxes: (N, 4); scores: (N,); iou_threshold: drop a box whose IoU with a kept box is > this.
+    Returns:
+        (num_kept,) ``long`` indices into ``boxes``, by decreasing score.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    if not boxes.dtype.is_floating_point or boxes.element_size() < 4:
+        boxes = boxes.float()
+    sorted_boxes = boxes[order]
+    N = len(order)
+    keep = torch.zeros(N, dtype=torch.bool, device=boxes.device)
+    for start in range(0, N, _NMS_BLOCK):
+        block = sorted_boxes[start : start + _NMS_BLOCK]
+        kept_before = sorted_boxes[:start][keep[:start]]
+        suppressed = (iou(kept_before, block).double() > iou_threshold).any(dim=0)  # (T,)
+        # overlaps[i, j]: box i of the block outranks box j and would suppress it if i is kept.
+        overlaps = (iou(block, block).double() > iou_threshold).triu_(diagonal=1).to(block.dtype)
+        alive = ~suppressed
+        block_keep = alive
+        while True:
+            new_keep = alive & (block_keep.to(block.dtype) @ overlaps == 0)  # (T,) @ (T, T) -> (T,)
+            if torch.equal(new_keep, block_keep):
+                break
+            block_keep = new_keep
+        keep[start : start + _NMS_BLOCK] = block_keep
+    return order[keep]
+
+
+def class_spec_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, class_ids: torch.Tensor, iou_threshold: float = 0.5
+) -> torch.Tensor:
+    """Per-class NMS in one call: each class's boxes are shifted so that classes never overlap.
+
+    Args:
+        boxes: (N, 4); scores: (N,); class_ids: (N,) integer (or integral float) class of each box.
+    Returns:
+        (num_kept,) ``long`` indices into ``boxes``, by decreasing score.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    offsets = class_ids.to(boxes) * (boxes.max() - boxes.min() + 1)
+    shifted = boxes + offsets[:, None]
+    return nms(shifted, scores, iou_threshold)

@@ -1,0 +1,434 @@
+"""FCOS: Fully Convolutional One-Stage object detection (Tian et al., ICCV 2019).
+
+Shapes use the dimension letters and box conventions of ``common.py``'s docstring.
+"""
+
+import math
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from common import (
+    DetectorBackboneWithFPN,
+    TensorDict,
+    cat_across_fpn_levels,
+    class_spec_nms,
+    clip_boxes_to_image,
+    get_fpn_location_coords,
+)
+
+
+def hello_one_stage_detector():
+    print("Hello from one_stage_detector.py!")
+
+
+def _conv_stem(in_channels: int, stem_channels: Sequence[int]) -> nn.Sequential:
+    """3x3 conv + ReLU for each entry of ``stem_channels``; weights N(0, 0.01), biases 0 (FCOS 3.1)."""
+    layers = []
+    for out_channels in stem_channels:
+        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def _flatten_head_output(x: torch.Tensor) -> torch.Tensor:
+    B, C, Hl, Wl = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, Hl * Wl, C)  # (B, C, Hl, Wl) -> (B, HlWl, C), row-major
+
+
+class FCOSPredictionNetwork(nn.Module):
+    """FCOS head shared by all FPN levels: class logits, LTRB box deltas and centerness logits.
+
+    Box regression and centerness share one stem (the FCOS paper's later placement of the
+    centerness branch, which works better than putting it next to classification).
+
+    Args:
+        num_classes: K, without background.
+        in_channels: FPN channels C.
+        stem_channels: channels of each 3x3 conv of the two stems, e.g. ``[64, 64]``.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, stem_channels: Sequence[int]):
+        super().__init__()
+        self.stem_cls = _conv_stem(in_channels, stem_channels)
+        self.stem_box = _conv_stem(in_channels, stem_channels)
+        self.pred_cls = nn.Conv2d(stem_channels[-1], num_classes, 3, padding=1)
+        self.pred_box = nn.Conv2d(stem_channels[-1], 4, 3, padding=1)
+        self.pred_ctr = nn.Conv2d(stem_channels[-1], 1, 3, padding=1)
+        for conv in (self.pred_cls, self.pred_box, self.pred_ctr):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        # RetinaNet 4.1 / FCOS 3.1: start every class at probability 0.01 so that the many
+        # background locations do not swamp the focal loss in the first iterations.
+        nn.init.constant_(self.pred_cls.bias, -math.log(99))
+
+    def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:
+        """Args: {level: (B, C, Hl, Wl)}.
+
+        Returns:
+            ``[class_logits, boxreg_deltas, centerness_logits]``, each ``{level: (B, Hl*Wl, K | 4 | 1)}``.
+        """
+        class_logits, boxreg_deltas, centerness_logits = {}, {}, {}
+        for level, feats in feats_per_fpn_level.items():
+            box_feats = self.stem_box(feats)
+            class_logits[level] = _flatten_head_output(self.pred_cls(self.stem_cls(feats)))
+            boxreg_deltas[level] = _flatten_head_output(self.pred_box(box_feats))
+            centerness_logits[level] = _flatten_head_output(self.pred_ctr(box_feats))
+        return [class_logits, boxreg_deltas, centerness_logits]
+
+
+def _fcos_size_range(level_index: int, num_levels: int, stride: int) -> Tuple[float, float]:
+    """FCOS 3.2: level l regresses objects whose largest LTRB distance is in (4 s_l, 8 s_l);
+    the finest level takes everything smaller and the coarsest everything larger.
+    With strides 8, 16, 32: p3 (0, 64), p4 (64, 128), p5 (128, inf)."""
+    lower = 0.0 if level_index == 0 else 4.0 * stride
+    upper = math.inf if level_index == num_levels - 1 else 8.0 * stride
+    return lower, upper
+
+
+@torch.no_grad()
+def fcos_match_locations_to_gt(
+    locations_per_fpn_level: TensorDict,
+    strides_per_fpn_level: Mapping[str, int],
+    gt_boxes: torch.Tensor,
+) -> TensorDict:
+    """Assign each location to the ground-truth box it regresses (FCOS 3.1 and 3.2).
+
+    A location matches a box when it lies strictly inside it and its largest LTRB distance falls
+    in its level's size range (see ``_fcos_size_range``). When several boxes qualify, the one with
+    the smallest area wins. Padding rows (class -1) never match.
+
+    Args:
+        locations_per_fpn_level: {level: (Hl*Wl, 2)} ``(x, y)`` centres.
+        strides_per_fpn_level: {level: stride}.
+        gt_boxes: (M, 5) for one image or (B, M, 5) for a batch.
+    Returns:
+        {level: (Hl*Wl, 5)} (or (B, Hl*Wl, 5) for a batch): the matched GT row of each location,
+        ``(-1, -1, -1, -1, -1)`` for background.
+    """
+    single_image = gt_boxes.dim() == 2
+    batched_gt = gt_boxes[None] if single_image else gt_boxes  # (B, M, 5)
+    if batched_gt.shape[1] == 0:  # no rows at all: one padding row keeps the shapes simple
+        batched_gt = batched_gt.new_full((batched_gt.shape[0], 1, 5), -1.0)
+    is_real = batched_gt[:, :, 4] >= 0  # (B, M)
+    gt_area = (batched_gt[:, :, 2] - batched_gt[:, :, 0]) * (batched_gt[:, :, 3] - batched_gt[:, :, 1])
+    background = batched_gt.new_full((5,), -1.0)
+
+    matched = {}
+    for level_index, (level, locations) in enumerate(locations_per_fpn_level.items()):
+        lower, upper = _fcos_size_range(level_index, len(locations_per_fpn_level), strides_per_fpn_level[level])
+        x = locations[None, :, None, 0]  # (1, HlWl, 1), broadcast against (B, 1, M)
+        y = locations[None, :, None, 1]
+        ltrb = torch.stack(
+            [
+                x - batched_gt[:, None, :, 0],
+                y - batched_gt[:, None, :, 1],
+                batched_gt[:, None, :, 2] - x,
+                batched_gt[:, None, :, 3] - y,
+            ],
+            dim=-1,
+        )  # (B, HlWl, M, 4)
+        largest = ltrb.amax(dim=-1)
+        candidate = (ltrb.amin(dim=-1) > 0) & (largest > lower) & (largest < upper) & is_real[:, None, :]
+        cost = torch.where(candidate, gt_area[:, None, :], torch.full_like(largest, math.inf))
+        best_cost, best_gt = cost.min(dim=-1)  # (B, HlWl)
+        level_matched = torch.gather(batched_gt, 1, best_gt[..., None].expand(-1, -1, 5))
+        level_matched[torch.isinf(best_cost)] = background
+        matched[level] = level_matched[0] if single_image else level_matched
+    return matched
+
+
+def _is_background(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4 | 5) -> (N,) True for the background row of all -1."""
+    return (gt_boxes[:, :4] == -1).all(dim=1)
+
+
+def fcos_get_deltas_from_locations(locations: torch.Tensor, gt_boxes: torch.Tensor, stride: int) -> torch.Tensor:
+    """LTRB distances from each location to the sides of its box, divided by the stride (FCOS eq. 1).
+
+    Args:
+        locations: (N, 2) ``(x, y)``; gt_boxes: (N, 4 | 5), background rows all -1; stride: int.
+    Returns:
+        (N, 4) deltas ``(l, t, r, b) / stride``; background rows give ``-1``.
+    """
+    x, y = locations[:, 0], locations[:, 1]
+    deltas = (
+        torch.stack([x - gt_boxes[:, 0], y - gt_boxes[:, 1], gt_boxes[:, 2] - x, gt_boxes[:, 3] - y], dim=1) / stride
+    )
+    return deltas.masked_fill(_is_background(gt_boxes)[:, None], -1.0)
+
+
+def fcos_apply_deltas_to_locations(deltas: torch.Tensor, locations: torch.Tensor, stride: int) -> torch.Tensor:
+    """Inverse of ``fcos_get_deltas_from_locations``: LTRB deltas back to boxes.
+
+    Negative deltas (including the background's -1) count as 0, so a box always contains its
+    location and never inverts.
+
+    Args:
+        deltas: (N, 4); locations: (N, 2); stride: int.
+    Returns:
+        (N, 4) boxes ``(x1, y1, x2, y2)``.
+    """
+    distances = deltas.clamp(min=0) * stride
+    x, y = locations[:, 0], locations[:, 1]
+    return torch.stack([x - distances[:, 0], y - distances[:, 1], x + distances[:, 2], y + distances[:, 3]], dim=1)
+
+
+def fcos_make_centerness_targets(deltas: torch.Tensor) -> torch.Tensor:
+    """FCOS eq. 3: ``sqrt(min(l, r) min(t, b) / (max(l, r) max(t, b)))``.
+
+    Args:
+        deltas: (N, 4) LTRB deltas, background rows all -1.
+    Returns:
+        (N,) centerness in [0, 1]; background rows give -1.
+    """
+    left_right, top_bottom = deltas[:, 0::2], deltas[:, 1::2]
+    ratio = (left_right.amin(dim=1) * top_bottom.amin(dim=1)) / (left_right.amax(dim=1) * top_bottom.amax(dim=1)).clamp(
+        min=torch.finfo(deltas.dtype).tiny
+    )
+    centerness = ratio.clamp(min=0).sqrt()
+    return centerness.masked_fill(_is_background(deltas), -1.0)
+
+
+def _ltrb_area(deltas: torch.Tensor) -> torch.Tensor:
+    """(N, 4) LTRB distances -> (N,) area of the box they span; an inverted side counts as 0."""
+    return (deltas[:, 0] + deltas[:, 2]).clamp(min=0) * (deltas[:, 1] + deltas[:, 3]).clamp(min=0)
+
+
+def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU loss (Rezatofighi et al. 2019) between boxes that share one location.
+
+    Both boxes are given as LTRB distances from the same point, so intersections and enclosing
+    boxes are sums of per-side minima and maxima (as in UnitBox / FCOS's IoU loss). Negative
+    predicted distances are allowed and simply shrink the predicted box.
+
+    Args:
+        pred_deltas, target_deltas: (N, 4) LTRB.
+    Returns:
+        (N,) ``1 - GIoU``.
+    """
+    inner = torch.minimum(pred_deltas, target_deltas)
+    outer = torch.maximum(pred_deltas, target_deltas)
+    pred_area, target_area = _ltrb_area(pred_deltas), _ltrb_area(target_deltas)
+    intersection, enclosing = _ltrb_area(inner), _ltrb_area(outer)
+    union = pred_area + target_area - intersection
+    tiny = torch.finfo(pred_deltas.dtype).tiny
+    giou = intersection / union.clamp(min=tiny) - (enclosing - union) / enclosing.clamp(min=tiny)
+    return 1.0 - giou
+
+
+def check_gt_classes(gt_boxes: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` if a non-padding GT row has a class outside ``0..K-1``.
+
+    Padding rows have class -1. A class must be a whole number stored as a float.
+    """
+    labels = gt_boxes[..., 4]
+    bad = (labels != -1) & ((labels < 0) | (labels >= num_classes) | (labels != labels.round()))
+    if bad.any():
+        label = labels[bad][0].item()
+        raise ValueError(
+            f"Ground-truth class label {label:g} is outside 0..{num_classes - 1} (K = {num_classes}). "
+            "Use class indices 0..K-1 and -1 only for padding rows."
+        )
+
+
+class FCOS(nn.Module):
+    """FCOS with a RegNetX-400MF + FPN backbone.
+
+    Args:
+        num_classes: K.
+        fpn_channels: channels of the FPN levels.
+        stem_channels: channels of the head's 3x3 convs, e.g. ``[64, 64]``.
+        pretrained: backbone weights, as ``DetectorBackboneWithFPN``'s ``pretrained``.
+        box_loss: ``"l1"`` (the course's L1 on LTRB deltas, weighted 0.25) or ``"giou"`` (FCOS
+            uses an IoU loss; GIoU also gives gradients to boxes that do not overlap yet).
+        focal_alpha, focal_gamma: sigmoid focal loss parameters (RetinaNet's defaults).
+        topk_candidates: per level, the most confident (location, class) pairs kept before NMS
+            (1000 in the FCOS paper).
+        max_detections: detections per image after NMS (100 as in COCO evaluation).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        fpn_channels: int,
+        stem_channels: Sequence[int],
+        pretrained: Union[bool, str, os.PathLike] = True,
+        box_loss: str = "l1",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        topk_candidates: int = 1000,
+        max_detections: int = 100,
+    ):
+        super().__init__()
+        if box_loss not in ("l1", "giou"):
+            raise ValueError(f"box_loss must be 'l1' or 'giou', got {box_loss!r}")
+        self.num_classes = num_classes
+        self.backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained)
+        self.pred_net = FCOSPredictionNetwork(num_classes, fpn_channels, stem_channels)
+        self.box_loss = box_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.topk_candidates = topk_candidates
+        self.max_detections = max_detections
+
+    def _run_network(self, images: torch.Tensor):
+        feats = self.backbone(images)
+        class_logits, boxreg_deltas, centerness_logits = self.pred_net(feats)
+        locations = get_fpn_location_coords(feats, self.backbone.fpn_strides, dtype=images.dtype, device=images.device)
+        return locations, class_logits, boxreg_deltas, centerness_logits
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        gt_boxes: Optional[torch.Tensor] = None,
+        test_score_thresh: Optional[float] = None,
+        test_nms_thresh: Optional[float] = None,
+    ):
+        """Training: losses for a batch. Evaluation: detections for one image.
+
+        Args:
+            images: (B, 3, H, W).
+            gt_boxes: (B, M, 5), needed in training mode.
+            test_score_thresh, test_nms_thresh: evaluation thresholds (defaults 0.3 and 0.5).
+        Returns:
+            Training: ``{"loss_cls", "loss_box", "loss_ctr"}`` scalars.
+            Evaluation (B = 1): ``(pred_boxes (N, 4), pred_classes (N,), pred_scores (N,))``.
+        """
+        if not self.training:
+            return self.inference(images, test_score_thresh, test_nms_thresh)
+        if gt_boxes is None:
+            raise ValueError("FCOS needs gt_boxes in training mode; call detector.eval() for inference.")
+        check_gt_classes(gt_boxes, self.num_classes)
+        locations, class_logits, boxreg_deltas, centerness_logits = self._run_network(images)
+        strides = self.backbone.fpn_strides
+        matched = fcos_match_locations_to_gt(locations, strides, gt_boxes)  # {level: (B, HlWl, 5)}
+        target_deltas = {
+            level: fcos_get_deltas_from_locations(
+                locations[level].repeat(len(images), 1), matched[level].flatten(0, 1), strides[level]
+            ).view_as(boxreg_deltas[level])
+            for level in matched
+        }
+        return self._losses(
+            cat_across_fpn_levels(matched),
+            cat_across_fpn_levels(target_deltas),
+            cat_across_fpn_levels(class_logits),
+            cat_across_fpn_levels(boxreg_deltas),
+            cat_across_fpn_levels(centerness_logits).squeeze(-1),
+        )
+
+    def _losses(
+        self,
+        matched_gt_boxes: torch.Tensor,
+        target_deltas: torch.Tensor,
+        pred_cls_logits: torch.Tensor,
+        pred_boxreg_deltas: torch.Tensor,
+        pred_ctr_logits: torch.Tensor,
+    ) -> TensorDict:
+        """FCOS eq. 2 on all locations of the batch, each term divided by the number of foreground
+        locations (at least 1, so that images without any box give a finite, positive class loss and
+        zero box and centerness losses).
+
+        Args:
+            matched_gt_boxes: (B, HW, 5); target_deltas: (B, HW, 4); pred_cls_logits: (B, HW, K);
+            pred_boxreg_deltas: (B, HW, 4); pred_ctr_logits: (B, HW).
+        """
+        labels = matched_gt_boxes[..., 4]
+        foreground = labels >= 0  # (B, HW)
+        num_foreground = foreground.sum().clamp(min=1)
+        class_targets = F.one_hot(labels.clamp(min=0).long(), self.num_classes).to(pred_cls_logits.dtype)
+        class_targets = class_targets * foreground[..., None]
+        loss_cls = sigmoid_focal_loss(
+            pred_cls_logits, class_targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+
+        pred_fg, target_fg = pred_boxreg_deltas[foreground], target_deltas[foreground]  # (F, 4)
+        if self.box_loss == "giou":
+            loss_box = fcos_giou_loss(pred_fg, target_fg).sum()
+        else:
+            loss_box = 0.25 * F.l1_loss(pred_fg, target_fg, reduction="sum")
+        ctr_targets = fcos_make_centerness_targets(target_fg)
+        loss_ctr = F.binary_cross_entropy_with_logits(pred_ctr_logits[foreground], ctr_targets, reduction="sum")
+        return {
+            "loss_cls": loss_cls / num_foreground,
+            "loss_box": loss_box / num_foreground,
+            "loss_ctr": loss_ctr / num_foreground,
+        }
+
+    @torch.no_grad()
+    def inference(
+        self,
+        images: torch.Tensor,
+        test_score_thresh: Optional[float] = None,
+        test_nms_thresh: Optional[float] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detections for one image as the course's triple ``(boxes (N,4), classes (N,), scores (N,))``."""
+        if images.shape[0] != 1:
+            raise ValueError(
+                f"FCOS.inference takes one image, got a batch of {images.shape[0]}; use predict() for batches."
+            )
+        score_thresh = 0.3 if test_score_thresh is None else test_score_thresh
+        nms_thresh = 0.5 if test_nms_thresh is None else test_nms_thresh
+        detections = self.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
+        return detections["boxes"], detections["labels"], detections["scores"]
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.6
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Batched inference (FCOS 3.3): score = sqrt(class prob * centerness), the top
+        ``topk_candidates`` (location, class) pairs per level above ``score_thresh``, boxes clipped
+        to the image, class-specific NMS, at most ``max_detections`` per image.
+
+        Args:
+            images: (B, 3, H, W).
+        Returns:
+            B dicts ``{"boxes": (N, 4), "labels": (N,) long, "scores": (N,)}``.
+        """
+        B, _, H, W = images.shape
+        locations, class_logits, boxreg_deltas, centerness_logits = self._run_network(images)
+        candidates = [
+            self._level_candidates(
+                class_logits[level],
+                boxreg_deltas[level],
+                centerness_logits[level],
+                locations[level],
+                self.backbone.fpn_strides[level],
+                score_thresh,
+                (H, W),
+            )
+            for level in class_logits
+        ]
+        boxes, labels, scores = (torch.cat(parts, dim=1) for parts in zip(*candidates))  # (B, LT, ...)
+        return [self._nms_one_image(boxes[i], labels[i], scores[i], nms_thresh) for i in range(B)]
+
+    def _level_candidates(self, cls_logits, box_deltas, ctr_logits, locations, stride, score_thresh, image_hw):
+        """Top-k (location, class) pairs of one level for the whole batch, with decoded boxes.
+
+        Args:
+            cls_logits (B, HlWl, K), box_deltas (B, HlWl, 4), ctr_logits (B, HlWl, 1), locations (HlWl, 2).
+        Returns:
+            boxes (B, T, 4), labels (B, T), scores (B, T); pairs below ``score_thresh`` get score 0.
+        """
+        B, HlWl, K = cls_logits.shape
+        scores = torch.sqrt(cls_logits.sigmoid() * ctr_logits.sigmoid()).flatten(1)  # (B, HlWl*K)
+        top_scores, top_index = scores.topk(min(self.topk_candidates, HlWl * K), dim=1)
+        location_index, labels = top_index // K, top_index % K
+        deltas = torch.gather(box_deltas, 1, location_index[..., None].expand(-1, -1, 4))
+        boxes = fcos_apply_deltas_to_locations(deltas.flatten(0, 1), locations[location_index.flatten()], stride).view(
+            B, -1, 4
+        )
+        return clip_boxes_to_image(boxes, image_hw), labels, top_scores.masked_fill(top_scores <= score_thresh, 0.0)
+
+    def _nms_one_image(self, boxes, labels, scores, nms_thresh) -> Dict[str, torch.Tensor]:
+        keep = scores > 0
+        boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+        keep = class_spec_nms(boxes, scores, labels, nms_thresh)[: self.max_detections]
+        return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
