@@ -1,0 +1,180 @@
+"""Tests for common.py: backbone shapes and weights, locations, IoU, NMS."""
+
+import pytest
+import torch
+import torchvision
+from torch.testing import assert_close
+
+import common
+from common import (
+    DetectorBackboneWithFPN,
+    cat_across_fpn_levels,
+    class_spec_nms,
+    clip_boxes_to_image,
+    get_fpn_location_coords,
+    iou,
+    nms,
+)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return DetectorBackboneWithFPN(out_channels=64, pretrained=False).eval()
+
+
+@pytest.mark.parametrize(
+    ("height", "width"),
+    [(224, 224), (160, 256)],  # the course's size and a non-square one
+)
+def test_backbone_shapes(backbone, height, width):
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, height, width))
+    assert list(feats) == ["p3", "p4", "p5"]
+    for level, stride in backbone.fpn_strides.items():
+        assert feats[level].shape == (2, 64, height // stride, width // stride)
+    assert backbone.fpn_strides == {"p3": 8, "p4": 16, "p5": 32}
+    assert backbone.out_channels == 64
+
+
+def test_backbone_loads_state_dict_from_path(tmp_path):
+    trunk = torchvision.models.regnet_x_400mf(weights=None)
+    with torch.no_grad():
+        trunk.stem[0].weight.fill_(0.125)
+    path = tmp_path / "regnet_x_400mf.pth"
+    torch.save(trunk.state_dict(), path)
+
+    loaded = DetectorBackboneWithFPN(out_channels=32, pretrained=str(path))
+    assert_close(loaded.backbone.stem[0].weight, trunk.stem[0].weight)
+    layer = "trunk_output.block4.block4-0.f.b.0.weight"
+    assert_close(loaded.backbone.state_dict()[layer], trunk.state_dict()[layer])
+
+
+def test_backbone_missing_weights_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        DetectorBackboneWithFPN(out_channels=32, pretrained=missing)
+
+
+def test_backbone_offline_imagenet_weights_error_names_cache_and_alternatives(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(RuntimeError) as error:
+        DetectorBackboneWithFPN(out_channels=32, pretrained=True)
+    message = str(error.value)
+    assert str(tmp_path / "checkpoints") in message
+    assert "pretrained=False" in message and "path" in message
+
+
+def test_location_coords_are_row_major():
+    shapes = {"p3": (2, 64, 28, 28), "p4": (2, 64, 14, 14), "p5": (2, 64, 7, 7)}
+    locations = get_fpn_location_coords(shapes, {"p3": 8, "p4": 16, "p5": 32})
+    assert {k: tuple(v.shape) for k, v in locations.items()} == {"p3": (784, 2), "p4": (196, 2), "p5": (49, 2)}
+    # API.md: x runs fastest; centre of row i, column j is ((j + 0.5) * 8, (i + 0.5) * 8).
+    expected_first = torch.tensor([[4.0, 4.0], [12.0, 4.0], [20.0, 4.0], [28.0, 4.0], [36.0, 4.0]])
+    assert_close(locations["p3"][:5], expected_first)
+    # Index 28 is row 1, column 0 of p3: (0.5 * 8, 1.5 * 8) = (4, 12).
+    assert_close(locations["p3"][28], torch.tensor([4.0, 12.0]))
+    # Last p5 location: row 6, column 6 -> (6.5 * 32, 6.5 * 32) = (208, 208).
+    assert_close(locations["p5"][-1], torch.tensor([208.0, 208.0]))
+
+
+def test_location_order_matches_head_flattening():
+    # A feature whose channels hold each location's own centre must flatten to the coordinates.
+    stride, Hl, Wl = 16, 3, 5
+    locations = get_fpn_location_coords({"p4": (1, 2, Hl, Wl)}, {"p4": stride})["p4"]
+    xs = (torch.arange(Wl) + 0.5) * stride
+    ys = (torch.arange(Hl) + 0.5) * stride
+    feature = torch.stack([xs[None, :].expand(Hl, Wl), ys[:, None].expand(Hl, Wl)])[None]  # (1, 2, Hl, Wl)
+    flattened = feature.permute(0, 2, 3, 1).reshape(1, Hl * Wl, 2)[0]
+    assert_close(flattened, locations)
+
+
+def test_location_coords_accept_feature_tensors_dtype_and_device():
+    feats = {"p3": torch.zeros(1, 4, 2, 3)}
+    locations = get_fpn_location_coords(feats, {"p3": 8}, dtype=torch.float64)
+    assert locations["p3"].dtype == torch.float64
+    assert_close(locations["p3"][-1], torch.tensor([20.0, 12.0], dtype=torch.float64))
+
+
+def test_iou_sanity_values():
+    boxes1 = torch.tensor([[10, 10, 90, 90], [20, 20, 40, 40], [60, 60, 80, 80]], dtype=torch.float32)
+    boxes2 = torch.tensor([[10, 10, 90, 90], [60, 60, 80, 80], [30, 30, 70, 70]], dtype=torch.float32)
+    # [20,20,40,40] vs [30,30,70,70]: intersection 10*10 = 100, union 400 + 1600 - 100 = 1900 -> 1/19.
+    expected = torch.tensor([[1, 0.0625, 0.25], [0.0625, 0, 0.052631579], [0.0625, 1, 0.052631579]])
+    result = iou(boxes1, boxes2)
+    assert (result - expected).abs().max() / expected.abs().max() < 1e-7
+    assert_close(result, torchvision.ops.box_iou(boxes1, boxes2))
+
+
+def test_iou_degenerate_boxes_give_zero_not_nan():
+    points = torch.tensor([[5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 10.0]])
+    inverted = torch.tensor([[10.0, 10.0, 0.0, 0.0]])
+    result = iou(torch.cat([points, inverted]), torch.cat([points, inverted]))
+    assert not result.isnan().any()
+    assert_close(result, torch.zeros(3, 3))
+    assert iou(torch.zeros(0, 4), points).shape == (0, 2)
+
+
+def _random_nms_boxes(seed: int, count: int = 5000):
+    generator = torch.Generator().manual_seed(seed)
+    boxes = (100 * torch.rand(count, 4, generator=generator)).round()
+    boxes[:, 2] += boxes[:, 0] + 1
+    boxes[:, 3] += boxes[:, 1] + 1
+    return boxes, torch.randn(count, generator=generator)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_equals_torchvision(seed, threshold):
+    boxes, scores = _random_nms_boxes(seed)
+    kept = nms(boxes, scores, threshold)
+    assert kept.dtype == torch.long
+    assert torch.equal(kept, torchvision.ops.nms(boxes, scores, threshold))
+
+
+def test_nms_hand_made_case():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    # Box 3 (0.95) suppresses its twin box 0 (IoU 1) and box 1 (IoU 90/110 = 0.82); box 2 is apart.
+    assert nms(boxes, scores, 0.5).tolist() == [3, 2]
+    # At threshold 0.85 box 1 survives (0.82 is not > 0.85) but box 0 (IoU 1) does not.
+    assert nms(boxes, scores, 0.85).tolist() == [3, 1, 2]
+    assert nms(torch.zeros(0, 4), torch.zeros(0)).shape == (0,)
+
+
+def test_class_spec_nms_only_suppresses_within_a_class():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    class_ids = torch.tensor([0, 1, 0])
+    assert class_spec_nms(boxes, scores, class_ids, 0.5).tolist() == [0, 1]
+    expected = torchvision.ops.batched_nms(boxes, scores, class_ids, 0.5)
+    assert torch.equal(class_spec_nms(boxes, scores, class_ids, 0.5), expected)
+
+
+def test_class_spec_nms_equals_torchvision_batched_nms():
+    boxes, scores = _random_nms_boxes(seed=3, count=2000)
+    class_ids = torch.randint(0, 20, (2000,), generator=torch.Generator().manual_seed(3))
+    expected = torchvision.ops.batched_nms(boxes, scores, class_ids, 0.5)
+    assert torch.equal(class_spec_nms(boxes, scores, class_ids, 0.5), expected)
+
+
+def test_cat_across_fpn_levels_keeps_level_order():
+    per_level = {"p3": torch.zeros(2, 3, 1), "p4": torch.ones(2, 2, 1), "p5": torch.full((2, 1, 1), 2.0)}
+    joined = cat_across_fpn_levels(per_level)
+    assert joined.shape == (2, 6, 1)
+    assert joined[0, :, 0].tolist() == [0, 0, 0, 1, 1, 2]
+
+
+def test_clip_boxes_to_image_does_not_modify_input():
+    boxes = torch.tensor([[-5.0, 3.0, 300.0, 120.0]])
+    clipped = clip_boxes_to_image(boxes, (100, 200))  # (H, W)
+    assert clipped.tolist() == [[0.0, 3.0, 200.0, 100.0]]
+    assert boxes.tolist() == [[-5.0, 3.0, 300.0, 120.0]]
+
+
+def test_hello_common(capsys):
+    common.hello_common()
+    assert capsys.readouterr().out.strip() == "Hello from common.py!"

@@ -1,0 +1,247 @@
+"""Tests for one_stage_detector.py (FCOS)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch.testing import assert_close
+
+import one_stage_detector
+from common import get_fpn_location_coords
+from one_stage_detector import (
+    FCOS,
+    FCOSPredictionNetwork,
+    fcos_apply_deltas_to_locations,
+    fcos_get_deltas_from_locations,
+    fcos_giou_loss,
+    fcos_make_centerness_targets,
+    fcos_match_locations_to_gt,
+)
+
+STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+SANITY_BOXES = torch.tensor([[10, 15, 100, 115, 1], [30, 20, 40, 30, 1], [120, 100, 200, 200, 1]], dtype=torch.float32)
+SANITY_LOCATIONS = torch.tensor([[30, 40], [32, 29], [125, 150]], dtype=torch.float32)
+
+
+def _rel_error(x, y):
+    return ((x - y).abs().max() / (x.abs() + y.abs()).max().clamp(min=1e-10)).item()
+
+
+def _padded(rows, pad_to=40):
+    gt = torch.full((pad_to, 5), -1.0)
+    if rows:
+        gt[: len(rows)] = torch.tensor(rows, dtype=torch.float32)
+    return gt
+
+
+def test_deltas_round_trip_sanity_values():
+    deltas = fcos_get_deltas_from_locations(SANITY_LOCATIONS, SANITY_BOXES, stride=8)
+    # First row: location (30, 40) in [10, 15, 100, 115] -> (20, 25, 70, 75) / 8.
+    assert_close(deltas[0], torch.tensor([2.5, 3.125, 8.75, 9.375]))
+    boxes = fcos_apply_deltas_to_locations(deltas, SANITY_LOCATIONS, stride=8)
+    assert _rel_error(boxes, SANITY_BOXES[:, :4]) == 0
+
+
+def test_background_deltas_and_box():
+    location = torch.tensor([[100.0, 200.0]])
+    background = torch.full((1, 5), -1.0)
+    deltas = fcos_get_deltas_from_locations(location, background, stride=8)
+    assert deltas.tolist() == [[-1.0, -1.0, -1.0, -1.0]]
+    assert fcos_apply_deltas_to_locations(deltas, location, stride=8).tolist() == [[100.0, 200.0, 100.0, 200.0]]
+
+
+def test_apply_deltas_treats_negative_distances_as_zero():
+    deltas = torch.tensor([[-2.0, 1.0, 0.5, -0.1]])
+    boxes = fcos_apply_deltas_to_locations(deltas, torch.tensor([[40.0, 40.0]]), stride=16)
+    # (l, t, r, b) -> (0, 16, 8, 0) pixels around (40, 40).
+    assert boxes.tolist() == [[40.0, 24.0, 48.0, 40.0]]
+
+
+def test_centerness_sanity_values():
+    deltas = fcos_get_deltas_from_locations(SANITY_LOCATIONS, SANITY_BOXES, stride=8)[:2]
+    deltas = torch.cat([deltas, torch.full((1, 4), -1.0)])
+    # Row 0: sqrt(min(20,70) min(25,75) / (max(20,70) max(25,75))) = sqrt(500 / 5250) = 0.30860671.
+    # Row 1: LTRB (2, 9, 8, 1): sqrt(2 * 1 / (8 * 9)) = sqrt(1/36) = 0.16666667.
+    expected = torch.tensor([0.30860671401, 0.1666666716, -1.0])
+    assert_close(fcos_make_centerness_targets(deltas), expected)
+
+
+def test_prediction_network_shapes_and_bias():
+    head = FCOSPredictionNetwork(num_classes=20, in_channels=64, stem_channels=[64, 64])
+    feats = {"p3": torch.randn(2, 64, 28, 28), "p4": torch.randn(2, 64, 14, 14), "p5": torch.randn(2, 64, 7, 7)}
+    class_logits, boxreg_deltas, centerness_logits = head(feats)
+    assert class_logits["p3"].shape == (2, 784, 20)
+    assert boxreg_deltas["p4"].shape == (2, 196, 4)
+    assert centerness_logits["p5"].shape == (2, 49, 1)
+    assert_close(head.pred_cls.bias, torch.full((20,), -math.log(99)))
+
+
+def test_prediction_network_flattens_row_major():
+    head = FCOSPredictionNetwork(num_classes=3, in_channels=8, stem_channels=[8])
+    feats = {"p3": torch.randn(1, 8, 3, 5)}
+    class_logits = head(feats)[0]["p3"]
+    full_map = head.pred_cls(head.stem_cls(feats["p3"]))  # (1, 3, 3, 5)
+    # Location index i * Wl + j is row i, column j: index 7 = row 1, column 2.
+    assert_close(class_logits[0, 7], full_map[0, :, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def small_fcos():
+    torch.manual_seed(0)
+    return FCOS(num_classes=5, fpn_channels=32, stem_channels=[32, 32], pretrained=False)
+
+
+def test_fcos_head_shapes_for_non_square_input(small_fcos):
+    small_fcos.train()
+    _, class_logits, boxreg_deltas, centerness_logits = small_fcos._run_network(torch.randn(1, 3, 96, 160))
+    assert class_logits["p3"].shape == (1, 12 * 20, 5)
+    assert boxreg_deltas["p4"].shape == (1, 6 * 10, 4)
+    assert centerness_logits["p5"].shape == (1, 3 * 5, 1)
+
+
+def _locations_for(image_size):
+    shapes = {level: (1, 1, image_size // s, image_size // s) for level, s in STRIDES.items()}
+    return get_fpn_location_coords(shapes, STRIDES)
+
+
+def test_match_strictly_inside_and_level_ranges():
+    locations = {
+        "p3": torch.tensor([[20.0, 20.0], [40.0, 20.0], [4.0, 4.0]]),
+        "p4": torch.tensor([[100.0, 50.0]]),
+        "p5": torch.tensor([[100.0, 50.0], [150.0, 50.0]]),
+    }
+    gt = _padded([[0, 0, 40, 40, 3], [0, 0, 200, 100, 1]])
+    matched = fcos_match_locations_to_gt(locations, STRIDES, gt)
+    # p3: (20, 20) has LTRB (20,20,20,20) in box 0, max 20 in (0, 64) -> box 0.
+    # (40, 20) lies on box 0's right edge (r = 0, not strictly inside); in box 1 its max is 160 -> not p3.
+    # (4, 4): box 0 max 36 -> box 0 (box 1 also contains it, but max 196 is out of p3's range).
+    assert matched["p3"][:, 4].tolist() == [3, -1, 3]
+    # p4 (64, 128): (100, 50) in box 1 has LTRB (100, 50, 100, 50), max 100 -> box 1.
+    assert matched["p4"].tolist() == [[0, 0, 200, 100, 1]]
+    # p5 (128, inf): (100, 50) max 100 is too small; (150, 50) has l = 150 -> box 1.
+    assert matched["p5"][:, 4].tolist() == [-1, 1]
+    assert matched["p5"][0].tolist() == [-1, -1, -1, -1, -1]
+
+
+def test_match_boundary_of_level_ranges_is_exclusive():
+    # Location (64, 64) in [0, 0, 128, 128]: LTRB all 64, exactly the p3/p4 boundary -> neither level.
+    locations = {"p3": torch.tensor([[64.0, 64.0]]), "p4": torch.tensor([[64.0, 64.0]]), "p5": torch.zeros(0, 2)}
+    matched = fcos_match_locations_to_gt(locations, STRIDES, _padded([[0, 0, 128, 128, 2]]))
+    assert matched["p3"][:, 4].tolist() == [-1]
+    assert matched["p4"][:, 4].tolist() == [-1]
+    assert matched["p5"].shape == (0, 5)
+
+
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_match_ties_go_to_smallest_box(order):
+    rows = [[0, 0, 60, 60, 0], [10, 10, 50, 50, 2]]  # areas 3600 and 1600
+    locations = {"p3": torch.tensor([[30.0, 30.0]]), "p4": torch.zeros(0, 2), "p5": torch.zeros(0, 2)}
+    matched = fcos_match_locations_to_gt(locations, STRIDES, _padded([rows[i] for i in order]))
+    assert matched["p3"].tolist() == [[10, 10, 50, 50, 2]]
+
+
+def test_match_padding_never_matches_even_when_it_covers_locations():
+    locations = _locations_for(64)
+    gt = _padded([[0, 0, 64, 64, -1]])  # class -1 marks padding, whatever its coordinates say
+    matched = fcos_match_locations_to_gt(locations, STRIDES, gt)
+    for level_matched in matched.values():
+        assert (level_matched == -1).all()
+
+
+def test_match_batch_equals_per_image_and_handles_empty_gt():
+    locations = _locations_for(128)
+    gt = torch.stack(
+        [
+            _padded([[8, 8, 60, 50, 1], [30, 20, 120, 126, 4], [0, 0, 128, 128, 0]]),
+            _padded([]),
+            _padded([[50, 60, 70, 90, 3]]),
+        ]
+    )
+    batched = fcos_match_locations_to_gt(locations, STRIDES, gt)
+    for b in range(3):
+        single = fcos_match_locations_to_gt(locations, STRIDES, gt[b])
+        for level in STRIDES:
+            assert torch.equal(batched[level][b], single[level])
+    assert all((batched[level][1] == -1).all() for level in STRIDES)
+    # The full-image box (max distance 64..124 at most locations) lands on p4 and p5, never p3.
+    assert (batched["p3"][0][:, 4] == 0).sum() == 0
+    assert (batched["p4"][0][:, 4] == 0).sum() > 0
+    no_rows = fcos_match_locations_to_gt(locations, STRIDES, torch.zeros(0, 5))
+    assert (no_rows["p3"] == -1).all() and no_rows["p3"].shape == (256, 5)
+
+
+def test_giou_loss_equals_torchvision_for_valid_boxes():
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.rand(50, 4, generator=generator) * 5
+    target = torch.rand(50, 4, generator=generator) * 5 + 0.1
+    location = torch.rand(50, 2, generator=generator) * 100
+    pred_boxes = fcos_apply_deltas_to_locations(pred, location, stride=8)
+    target_boxes = fcos_apply_deltas_to_locations(target, location, stride=8)
+    expected = torchvision.ops.generalized_box_iou_loss(pred_boxes, target_boxes)
+    assert_close(fcos_giou_loss(pred, target), expected, rtol=1e-5, atol=1e-5)
+    assert_close(fcos_giou_loss(target, target), torch.zeros(50), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("box_loss", ["l1", "giou"])
+def test_losses_finite_with_and_without_boxes(small_fcos, box_loss):
+    small_fcos.train()
+    small_fcos.box_loss = box_loss
+    images = torch.randn(2, 3, 64, 64)
+    gt = torch.stack([_padded([[8, 8, 40, 48, 1]]), _padded([])])
+    losses = small_fcos(images, gt)
+    assert set(losses) == {"loss_cls", "loss_box", "loss_ctr"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+    no_boxes = small_fcos(images, torch.stack([_padded([]), _padded([])]))
+    assert torch.isfinite(no_boxes["loss_cls"]) and no_boxes["loss_cls"] > 0
+    assert no_boxes["loss_box"].item() == 0 and no_boxes["loss_ctr"].item() == 0
+    sum(no_boxes.values()).backward()  # gradients flow even with no foreground
+    small_fcos.zero_grad()
+    small_fcos.box_loss = "l1"
+
+
+@pytest.mark.parametrize("label", [5.0, 7.0, -2.0, 1.5])
+def test_bad_class_label_raises_value_error(small_fcos, label):
+    small_fcos.train()
+    gt = _padded([[8, 8, 40, 48, label]])[None]
+    with pytest.raises(ValueError, match=f"{label:g}.*K = 5"):
+        small_fcos(torch.randn(1, 3, 64, 64), gt)
+
+
+def test_predict_batch_and_inference_triple(small_fcos):
+    small_fcos = copy.deepcopy(small_fcos).eval()
+    with torch.no_grad():  # spread the untrained scores apart so no two candidates tie
+        small_fcos.pred_net.pred_cls.weight.mul_(300)
+    images = torch.randn(3, 3, 64, 96)
+    detections = small_fcos.predict(images, score_thresh=0.0, nms_thresh=0.5)
+    assert len(detections) == 3
+    for detection in detections:
+        assert set(detection) == {"boxes", "labels", "scores"}
+        assert 0 < len(detection["boxes"]) <= small_fcos.max_detections
+        assert detection["labels"].dtype == torch.long
+        assert (detection["scores"][:-1] >= detection["scores"][1:]).all()
+        boxes = detection["boxes"]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()
+    # One image through predict equals the same image inside the batch.
+    single = small_fcos.predict(images[1:2], score_thresh=0.0, nms_thresh=0.5)[0]
+    assert_close(single["boxes"], detections[1]["boxes"])
+    assert_close(single["scores"], detections[1]["scores"])
+
+    boxes, classes, scores = small_fcos(images[:1], test_score_thresh=0.0, test_nms_thresh=0.5)
+    assert boxes.shape[1] == 4 and classes.shape == scores.shape == (len(boxes),)
+    with pytest.raises(ValueError, match="predict"):
+        small_fcos(images)
+
+
+def test_predict_respects_score_threshold(small_fcos):
+    small_fcos.eval()
+    # The class bias starts at -log(99), so untrained scores are about sqrt(0.01 * 0.5) = 0.07.
+    detections = small_fcos.predict(torch.randn(1, 3, 64, 64), score_thresh=0.5)
+    assert len(detections[0]["scores"]) == 0
+
+
+def test_hello(capsys):
+    one_stage_detector.hello_one_stage_detector()
+    assert capsys.readouterr().out.strip() == "Hello from one_stage_detector.py!"
