@@ -28,7 +28,7 @@ Dimension letters
 """
 
 import os
-from typing import Dict, Mapping, Sequence, Union
+from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -130,6 +130,40 @@ class DetectorBackboneWithFPN(nn.Module):
             top_down = lateral
             fpn_feats[level] = self.fpn_params[f"output_{level}"](lateral)
         return {level: fpn_feats[level] for level in FPN_STRIDES}
+
+
+def conv_stem(in_channels: int, stem_channels: Sequence[int]) -> Tuple[nn.Sequential, int]:
+    """3x3 conv (padding 1) + ReLU per entry of ``stem_channels``; weights N(0, 0.01), biases 0.
+
+    The heads of both detectors start with such a stem (FCOS 3.1, Faster R-CNN 3.1).
+
+    Returns:
+        The stem and its number of output channels (``in_channels`` when the stem is empty).
+    """
+    layers = []
+    for out_channels in stem_channels:
+        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        in_channels = out_channels
+    return nn.Sequential(*layers), in_channels
+
+
+def check_gt_classes(gt_boxes: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` if a GT row that is not padding (all -1) has a class outside 0..K-1.
+
+    Args:
+        gt_boxes: (..., 5) rows ``(x1, y1, x2, y2, C)``; ``C`` must be a whole number.
+    """
+    labels = gt_boxes[..., 4]
+    padding = (gt_boxes == -1).all(dim=-1)
+    bad = ~padding & ((labels < 0) | (labels > num_classes - 1) | (labels != labels.round()))
+    if bad.any():
+        raise ValueError(
+            f"Ground-truth class label {labels[bad][0].item():g} is outside 0..{num_classes - 1} "
+            f"(num_classes K = {num_classes}); padding rows must be all -1."
+        )
 
 
 def get_fpn_location_coords(

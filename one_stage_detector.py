@@ -16,26 +16,16 @@ from common import (
     DetectorBackboneWithFPN,
     TensorDict,
     cat_across_fpn_levels,
+    check_gt_classes,
     class_spec_nms,
     clip_boxes_to_image,
+    conv_stem,
     get_fpn_location_coords,
 )
 
 
 def hello_one_stage_detector():
     print("Hello from one_stage_detector.py!")
-
-
-def _conv_stem(in_channels: int, stem_channels: Sequence[int]) -> nn.Sequential:
-    """3x3 conv + ReLU for each entry of ``stem_channels``; weights N(0, 0.01), biases 0 (FCOS 3.1)."""
-    layers = []
-    for out_channels in stem_channels:
-        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU(inplace=True)]
-        in_channels = out_channels
-    return nn.Sequential(*layers)
 
 
 def _flatten_head_output(x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +47,11 @@ class FCOSPredictionNetwork(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, stem_channels: Sequence[int]):
         super().__init__()
-        self.stem_cls = _conv_stem(in_channels, stem_channels)
-        self.stem_box = _conv_stem(in_channels, stem_channels)
-        self.pred_cls = nn.Conv2d(stem_channels[-1], num_classes, 3, padding=1)
-        self.pred_box = nn.Conv2d(stem_channels[-1], 4, 3, padding=1)
-        self.pred_ctr = nn.Conv2d(stem_channels[-1], 1, 3, padding=1)
+        self.stem_cls, stem_out = conv_stem(in_channels, stem_channels)
+        self.stem_box, _ = conv_stem(in_channels, stem_channels)
+        self.pred_cls = nn.Conv2d(stem_out, num_classes, 3, padding=1)
+        self.pred_box = nn.Conv2d(stem_out, 4, 3, padding=1)
+        self.pred_ctr = nn.Conv2d(stem_out, 1, 3, padding=1)
         for conv in (self.pred_cls, self.pred_box, self.pred_ctr):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -222,21 +212,6 @@ def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> to
     tiny = torch.finfo(pred_deltas.dtype).tiny
     giou = intersection / union.clamp(min=tiny) - (enclosing - union) / enclosing.clamp(min=tiny)
     return 1.0 - giou
-
-
-def check_gt_classes(gt_boxes: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` if a non-padding GT row has a class outside ``0..K-1``.
-
-    Padding rows have class -1. A class must be a whole number stored as a float.
-    """
-    labels = gt_boxes[..., 4]
-    bad = (labels != -1) & ((labels < 0) | (labels >= num_classes) | (labels != labels.round()))
-    if bad.any():
-        label = labels[bad][0].item()
-        raise ValueError(
-            f"Ground-truth class label {label:g} is outside 0..{num_classes - 1} (K = {num_classes}). "
-            "Use class indices 0..K-1 and -1 only for padding rows."
-        )
 
 
 class FCOS(nn.Module):

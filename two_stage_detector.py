@@ -20,8 +20,10 @@ from common import (
     TensorDict,
     box_area,
     cat_across_fpn_levels,
+    check_gt_classes,
     class_spec_nms,
     clip_boxes_to_image,
+    conv_stem,
     get_fpn_location_coords,
     iou,
 )
@@ -52,21 +54,6 @@ def hello_two_stage_detector():
     print("Hello from two_stage_detector.py!")
 
 
-def _conv_stem(in_channels: int, stem_channels: Sequence[int]) -> Tuple[nn.Sequential, int]:
-    """3x3 conv (padding 1) + ReLU per entry of ``stem_channels``; weights N(0, 0.01), biases 0.
-
-    Returns the stem and its number of output channels (``in_channels`` when the stem is empty).
-    """
-    layers = []
-    for out_channels in stem_channels:
-        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU(inplace=True)]
-        in_channels = out_channels
-    return nn.Sequential(*layers), in_channels
-
-
 class RPNPredictionNetwork(nn.Module):
     """RPN head shared by all FPN levels (Faster R-CNN 3.1): a conv stem, then two 1x1 convs that
     give one objectness logit and four box deltas per anchor.
@@ -80,7 +67,7 @@ class RPNPredictionNetwork(nn.Module):
     def __init__(self, in_channels: int, stem_channels: Sequence[int], num_anchors: int = 3):
         super().__init__()
         self.num_anchors = num_anchors
-        self.stem_rpn, stem_out = _conv_stem(in_channels, stem_channels)
+        self.stem_rpn, stem_out = conv_stem(in_channels, stem_channels)
         self.pred_obj = nn.Conv2d(stem_out, num_anchors, 1)
         self.pred_box = nn.Conv2d(stem_out, num_anchors * 4, 1)
         for conv in (self.pred_obj, self.pred_box):
@@ -478,18 +465,6 @@ def rcnn_assign_rois_to_fpn_levels(
     return (k.clamp(min(level_ks), max(level_ks)) - min(level_ks)).long()
 
 
-def _check_gt_classes(gt_boxes: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` if a GT row that is not padding (all -1) has a class outside 0..K-1."""
-    labels = gt_boxes[..., 4]
-    padding = (gt_boxes == -1).all(dim=-1)
-    bad = ~padding & ((labels < 0) | (labels > num_classes - 1) | (labels != labels.round()))
-    if bad.any():
-        raise ValueError(
-            f"Ground-truth class label {labels[bad][0].item():g} is outside 0..{num_classes - 1} "
-            f"(num_classes K = {num_classes}); padding rows must be all -1."
-        )
-
-
 class FasterRCNN(nn.Module):
     """Faster R-CNN: backbone with FPN, RPN, and a RoI head that classifies and regresses each proposal.
 
@@ -538,7 +513,7 @@ class FasterRCNN(nn.Module):
         self.box_reg_weights = tuple(box_reg_weights)
         self.roi_sampling_ratio = roi_sampling_ratio
         self.roi_canonical_level = roi_canonical_level
-        self.roi_stem, stem_out = _conv_stem(backbone.out_channels, stem_channels)
+        self.roi_stem, stem_out = conv_stem(backbone.out_channels, stem_channels)
         flat = stem_out * self.roi_size[0] * self.roi_size[1]
         self.cls_pred = nn.Linear(flat, num_classes + 1)
         self.box_pred = nn.Linear(flat, num_classes * 4)
@@ -569,7 +544,7 @@ class FasterRCNN(nn.Module):
             return self.inference(images, test_score_thresh, test_nms_thresh)
         if gt_boxes is None:
             raise ValueError("FasterRCNN needs gt_boxes in training mode; call detector.eval() for inference.")
-        _check_gt_classes(gt_boxes, self.num_classes)
+        check_gt_classes(gt_boxes, self.num_classes)
         feats = self.backbone(images)
         rpn_output = self.rpn(feats, self.backbone.fpn_strides, gt_boxes, image_size=tuple(images.shape[-2:]))
         rois, matched_gt_boxes = self.sample_rois(rpn_output["proposals"], gt_boxes)

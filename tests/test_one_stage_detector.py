@@ -202,7 +202,7 @@ def test_losses_finite_with_and_without_boxes(small_fcos, box_loss):
     small_fcos.box_loss = "l1"
 
 
-@pytest.mark.parametrize("label", [5.0, 7.0, -2.0, 1.5])
+@pytest.mark.parametrize("label", [5.0, 7.0, -2.0, -1.0, 1.5])
 def test_bad_class_label_raises_value_error(small_fcos, label):
     small_fcos.train()
     gt = _padded([[8, 8, 40, 48, label]])[None]
