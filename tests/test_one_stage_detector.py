@@ -9,6 +9,7 @@ import torchvision
 from torch.testing import assert_close
 
 import one_stage_detector
+from a4_helper import SyntheticDetection, compute_map, gt_boxes_to_targets
 from common import get_fpn_location_coords
 from one_stage_detector import (
     FCOS,
@@ -245,3 +246,31 @@ def test_predict_respects_score_threshold(small_fcos):
 def test_hello(capsys):
     one_stage_detector.hello_one_stage_detector()
     assert capsys.readouterr().out.strip() == "Hello from one_stage_detector.py!"
+
+
+def test_fcos_overfits_a_handful_of_synthetic_images():
+    """Learning test: from random weights, FCOS memorises 4 tiny images (21 objects, 6 classes)."""
+    torch.manual_seed(0)
+    data = SyntheticDetection("train", num_images=4, image_size=64, seed=0)
+    images = torch.stack([data[i][1] for i in range(len(data))])
+    gt_boxes = torch.stack([data[i][2] for i in range(len(data))])
+    detector = FCOS(data.num_classes, fpn_channels=32, stem_channels=[32, 32], pretrained=False)
+    iterations = 400
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.7 * iterations), int(0.9 * iterations)], 0.1)
+    totals = []
+    detector.train()
+    for _ in range(iterations):
+        total = sum(detector(images, gt_boxes).values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        totals.append(total.item())
+
+    detector.eval()
+    predictions = detector.predict(images, score_thresh=0.05, nms_thresh=0.5)
+    result = compute_map(predictions, gt_boxes_to_targets(gt_boxes), data.num_classes)
+    print(f"FCOS overfit: loss {totals[0]:.3f} -> {totals[-1]:.3f}, mAP@0.5 {result['map']:.3f}")
+    assert totals[-1] < 0.5 * totals[0]
+    assert result["map"] >= 0.9
