@@ -1,0 +1,311 @@
+"""Command line: train, evaluate and run the detectors.
+
+    python detect.py train --model fcos --data synthetic --out runs/demo
+    python detect.py eval --checkpoint runs/demo/checkpoint.pt
+    python detect.py predict --checkpoint runs/demo/checkpoint.pt photo.jpg
+
+``python detect.py COMMAND --help`` lists every option. Without options ``train`` runs a short FCOS
+recipe on the built-in synthetic data (no download, a few minutes on a laptop CPU); with
+``--data voc2007`` it runs the course's full recipe (meant for a GPU).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import a4_helper
+from common import DetectorBackboneWithFPN
+from one_stage_detector import FCOS
+from two_stage_detector import RPN, FasterRCNN
+
+# Defaults of each data set's recipe; any command-line option overrides its entry.
+RECIPES = {
+    # Sized for about five minutes on two CPU cores, starting from random weights.
+    "synthetic": dict(
+        image_size=128, batch_size=8, iters=700, fpn_channels=64, lr=0.02, train_images=512, eval_images=128
+    ),
+    # The course's standard recipe: 224 px, batch 16, FPN 128, 9000 iterations (a GPU run).
+    "voc2007": dict(image_size=224, batch_size=16, iters=9000, fpn_channels=128, lr=8e-3),
+}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_weights(weights: str):
+    """``--weights`` -> the backbone's ``pretrained`` argument.
+
+    ``auto`` uses the ImageNet weights when they are cached or can be downloaded, and otherwise
+    says so once and starts from random weights.
+    """
+    if weights == "none":
+        return False
+    if weights == "imagenet":
+        return True
+    if weights != "auto":
+        return weights  # a path to a saved state dict
+    try:
+        DetectorBackboneWithFPN(8, pretrained=True)
+    except RuntimeError as error:
+        print(f"--weights auto: ImageNet weights unavailable, training from random weights.\n{error}", file=sys.stderr)
+        return False
+    return True
+
+
+def build_detector(config: Dict[str, Any], pretrained=False) -> nn.Module:
+    """The detector that ``config`` (stored in every checkpoint) describes, with the course's heads."""
+    fpn_channels, num_classes = config["fpn_channels"], config["num_classes"]
+    stem_channels = [fpn_channels, fpn_channels]
+    if config["model"] == "fcos":
+        return FCOS(num_classes, fpn_channels, stem_channels, pretrained=pretrained)
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained)
+    rpn = RPN(fpn_channels, stem_channels, batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80)
+    return FasterRCNN(backbone, rpn, num_classes, roi_size=(7, 7), stem_channels=stem_channels, batch_size_per_image=32)
+
+
+def make_dataset(data: str, split: str, image_size: int, data_dir: str, num_images: Optional[int], download=False):
+    """The synthetic set (``num_images`` of them) or VOC 2007 (all images of ``split``)."""
+    if data == "synthetic":
+        return a4_helper.SyntheticDetection(split, num_images=num_images, image_size=image_size)
+    return a4_helper.VOC2007DetectionTiny(data_dir, split=split, download=download, image_size=image_size)
+
+
+def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=shuffle,
+    )
+
+
+def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
+    """mAP on the held-out split; writes metrics.json and a picture of predictions into out_dir."""
+    dataset = make_dataset(
+        config["data"], args.eval_split, config["image_size"], args.data_dir, config.get("eval_images"), args.download
+    )
+    loader = _loader(dataset, config["batch_size"], shuffle=False, workers=args.workers)
+    device = _resolve_device(args.device)
+    result = a4_helper.evaluate_detector(
+        detector, loader, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device
+    )
+    coco = a4_helper.evaluate_detector(
+        detector, loader, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device, method="coco"
+    )
+    names = dataset.idx_to_class
+    metrics = {
+        "map": result["map"],
+        "map_50_95": coco["map"],
+        "ap_per_class": {names[k]: v for k, v in result["ap_per_class"].items()},
+        "split": args.eval_split,
+        "num_images": result["num_images"],
+        "images_per_second": result["images_per_second"],
+        "config": config,
+    }
+    with open(os.path.join(out_dir, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=2)
+    _save_prediction_picture(detector, dataset, device, args, os.path.join(out_dir, "predictions.png"))
+    print(
+        f"mAP@0.5 on {result['num_images']} {args.eval_split} images: {result['map']:.4f} "
+        f"(mAP@[.5:.95] {coco['map']:.4f}); wrote {out_dir}/metrics.json"
+    )
+    return metrics
+
+
+def _save_prediction_picture(detector, dataset, device, args, path: str, count: int = 6) -> None:
+    from matplotlib import pyplot as plt
+
+    images = torch.stack([dataset[i][1] for i in range(min(count, len(dataset)))])
+    detector.eval()
+    with torch.inference_mode():
+        predictions = detector.predict(images.to(device), score_thresh=0.3, nms_thresh=args.nms_thresh)
+    figure, axes = plt.subplots(2, (len(images) + 1) // 2, figsize=(4 * ((len(images) + 1) // 2), 8), squeeze=False)
+    for ax, index, prediction in zip(axes.flat, range(len(images)), predictions):
+        a4_helper.detection_visualizer(images[index], dataset.idx_to_class, dataset[index][2], prediction, ax=ax)
+    for ax in axes.flat[len(images) :]:
+        ax.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
+    """A rerun resumes from ``checkpoint_path``; refuse one whose run had other settings."""
+    if not os.path.exists(checkpoint_path):
+        return
+    saved = (a4_helper.read_checkpoint(checkpoint_path).get("metadata") or {}).get("config")
+    if saved != config:
+        changed = sorted(key for key in config if saved is None or saved.get(key) != config[key])
+        raise SystemExit(
+            f"{checkpoint_path} holds a run with other settings ({', '.join(changed)} differ), so it cannot "
+            "be resumed. Pass another --out, or delete that file to start over."
+        )
+    print(f"Resuming from {checkpoint_path}.")
+
+
+def cmd_train(args) -> Dict[str, Any]:
+    recipe = RECIPES[args.data]
+    config = {
+        "model": args.model,
+        "data": args.data,
+        "image_size": args.image_size or recipe["image_size"],
+        "batch_size": args.batch_size or recipe["batch_size"],
+        "fpn_channels": args.fpn_channels or recipe["fpn_channels"],
+        "iters": args.iters or recipe["iters"],
+        "lr": args.lr or recipe["lr"],
+        "train_images": args.train_images or recipe.get("train_images"),
+        "eval_images": args.eval_images or recipe.get("eval_images"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    a4_helper.reset_seed(args.seed)
+    train_set = make_dataset(
+        args.data, args.train_split, config["image_size"], args.data_dir, config["train_images"], args.download
+    )
+    config["num_classes"] = len(train_set.idx_to_class)
+    config["idx_to_class"] = train_set.idx_to_class
+    checkpoint_path = os.path.join(args.out, CHECKPOINT_NAME)
+    _check_resumable(checkpoint_path, config)
+    detector = build_detector(config, pretrained=_resolve_weights(args.weights))
+    loader = _loader(train_set, config["batch_size"], shuffle=True, workers=args.workers, seed=args.seed)
+    start = time.perf_counter()
+    history = a4_helper.train_detector(
+        detector,
+        loader,
+        learning_rate=config["lr"],
+        max_iters=config["iters"],
+        log_period=args.log_period,
+        device=_resolve_device(args.device),
+        checkpoint_path=checkpoint_path,
+        grad_clip=args.grad_clip,
+        metadata={"config": config},
+    )
+    train_seconds = time.perf_counter() - start
+    a4_helper.plot_loss_history(history, os.path.join(args.out, "losses.png"))
+    metrics = _evaluate(detector, config, args, args.out)
+    metrics["train_seconds"] = train_seconds
+    metrics["final_loss"] = history["total"][-1]
+    with open(os.path.join(args.out, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=2)
+    print(f"Training took {train_seconds:.0f} s; checkpoint: {checkpoint_path}")
+    return metrics
+
+
+def load_detector(checkpoint_path: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a detector from a checkpoint written by ``detect.py train``."""
+    checkpoint = a4_helper.read_checkpoint(checkpoint_path)
+    config = (checkpoint.get("metadata") or {}).get("config")
+    if config is None:
+        raise ValueError(
+            f"{checkpoint_path!r} holds no detector configuration; it was not written by 'detect.py train'."
+        )
+    config["idx_to_class"] = {int(k): v for k, v in config["idx_to_class"].items()}
+    detector = build_detector(config, pretrained=False)
+    detector.load_state_dict(checkpoint["model"])
+    return detector, config
+
+
+def cmd_eval(args) -> Dict[str, Any]:
+    detector, config = load_detector(args.checkpoint)
+    if args.data:
+        config["data"] = args.data
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out_dir, exist_ok=True)
+    return _evaluate(detector, config, args, out_dir)
+
+
+def cmd_predict(args) -> List[Dict[str, Any]]:
+    detector, config = load_detector(args.checkpoint)
+    device = _resolve_device(args.device)
+    detector.to(device).eval()
+    names = config["idx_to_class"]
+    results = []
+    for path in args.images:
+        image = a4_helper.load_image(path, config["image_size"])
+        with torch.inference_mode():
+            prediction = detector.predict(image[None].to(device), args.score_thresh, args.nms_thresh)[0]
+        detections = [
+            {"class": names[int(label)], "score": round(float(score), 4), "box": [round(v, 1) for v in box.tolist()]}
+            for box, label, score in zip(prediction["boxes"], prediction["labels"], prediction["scores"])
+        ]
+        results.append({"image": path, "detections": detections})
+        print(json.dumps(results[-1]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "predictions.json"), "w") as file:
+            json.dump(results, file, indent=2)
+    return results
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="data", help="folder that holds VOCdevkit/VOC2007 (default: data)")
+    parser.add_argument("--download", action="store_true", help="download VOC 2007 into --data-dir if missing")
+    parser.add_argument("--eval-split", default="val", help="held-out split to evaluate on (default: val)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    parser.add_argument("--score-thresh", type=float, default=0.05, help="score threshold for detections")
+    parser.add_argument("--nms-thresh", type=float, default=0.5, help="IoU threshold of class-specific NMS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a detector, then evaluate it on the held-out split")
+    train.add_argument("--model", choices=["fcos", "faster_rcnn"], default="fcos", help="detector (default: fcos)")
+    train.add_argument("--data", choices=sorted(RECIPES), default="synthetic", help="data set (default: synthetic)")
+    train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    train.add_argument("--iters", type=int, help="training iterations (recipe default)")
+    train.add_argument("--batch-size", type=int, help="images per batch (recipe default)")
+    train.add_argument("--image-size", type=int, help="side of the square input images (recipe default)")
+    train.add_argument("--fpn-channels", type=int, help="FPN channels (recipe default)")
+    train.add_argument("--lr", type=float, help="peak SGD learning rate (recipe default)")
+    train.add_argument("--train-images", type=int, help="synthetic training images (recipe default)")
+    train.add_argument("--eval-images", type=int, help="synthetic held-out images (recipe default)")
+    train.add_argument("--train-split", default="train", help="split to train on (default: train)")
+    train.add_argument(
+        "--weights",
+        default="auto",
+        help="backbone weights: auto (ImageNet if cached or downloadable, else random), imagenet, none, or a path",
+    )
+    train.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    train.add_argument("--log-period", type=int, default=20, help="iterations between logs and checkpoints")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_common_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint written by 'train'")
+    evaluate.add_argument("--checkpoint", required=True, help="path of checkpoint.pt")
+    evaluate.add_argument("--data", choices=sorted(RECIPES), help="data set (default: the one it was trained on)")
+    evaluate.add_argument("--out", help="where to write metrics.json (default: the checkpoint's folder)")
+    _add_common_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = commands.add_parser("predict", help="detect objects in image files")
+    predict.add_argument("--checkpoint", required=True, help="path of checkpoint.pt")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--out", help="folder for predictions.json (default: print only)")
+    _add_common_options(predict)
+    predict.set_defaults(func=cmd_predict, score_thresh=0.3)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main()
