@@ -1,0 +1,73 @@
+"""The two notebooks: they run end to end in quick mode, and they stay reviewable.
+
+Executing a notebook starts a Jupyter kernel ("python3", the ipykernel of this interpreter) and runs
+every cell with DETECT_QUICK=1 (small synthetic images, a few iterations, random weights), so a cell
+that raises (a failed sanity assert included) fails the test with the cell's traceback. One notebook
+runs from ``notebooks/`` and the other from the repository root, so the first cell's search for the
+repository is exercised from both places.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+jupytext = pytest.importorskip("jupytext")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+# (notebook, working directory it is executed from)
+NOTEBOOKS = [("one_stage_detector", NOTEBOOK_DIR), ("two_stage_detector", ROOT)]
+NAMES = [name for name, _ in NOTEBOOKS]
+CELL_TIMEOUT_S = 600
+
+
+def _cells(notebook):
+    return [(cell.cell_type, cell.source.strip()) for cell in notebook.cells]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_has_no_outputs(name):
+    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code_cells, "a notebook without code"
+    dirty = [index for index, cell in enumerate(code_cells) if cell.outputs or cell.execution_count is not None]
+    assert not dirty, (
+        f"{name}.ipynb has outputs in code cells {dirty}; clear them with "
+        f"'jupyter nbconvert --clear-output --inplace notebooks/{name}.ipynb'"
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_and_py_twin_are_in_sync(name):
+    notebook = jupytext.read(NOTEBOOK_DIR / f"{name}.ipynb")
+    twin = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
+    assert "py:percent" in notebook.metadata.get("jupytext", {}).get("formats", ""), "pair the notebook with its twin"
+    assert _cells(notebook) == _cells(twin), (
+        f"notebooks/{name}.ipynb and notebooks/{name}.py differ; run 'jupytext --sync notebooks/{name}.py' "
+        "(it takes the newer of the two as the source)"
+    )
+
+
+@pytest.mark.parametrize("name, cwd", NOTEBOOKS, ids=NAMES)
+def test_notebook_runs_in_quick_mode(name, cwd, monkeypatch, tmp_path):
+    # The kernel inherits this environment. One thread per process: the notebooks are small, and
+    # several processes competing for a few cores slow down badly when each spins up a thread pool.
+    monkeypatch.setenv("DETECT_QUICK", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("DETECT_RUN_DIR", str(tmp_path))  # checkpoints and mAP-tool files go here
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    notebook = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()  # raises CellExecutionError, with the failing cell's traceback, on any error
+    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
+    assert not errors
