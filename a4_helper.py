@@ -191,6 +191,11 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
             are ``(image_path, image (3, S, S), gt_boxes (40, 5))``. ``True``: difficult objects
             are kept and items gain a fourth entry ``difficult (40,) bool`` (padding rows False),
             so that an evaluation can ignore them as VOC does (see ``compute_map``).
+        skip_bad_images: ``False`` (default): an unreadable image or annotation raises an error that
+            names the file. ``True``: such an item is replaced by the next readable one, with one
+            warning per bad file (per loader worker), so that a long training run does not die on a
+            damaged file; the paths skipped so far are in ``bad_paths``. Meant for training: an
+            evaluation would count the replacement image twice.
     Item:
         ``image_path`` (str), ``image`` float32 ImageNet-normalised, ``gt_boxes`` float32 rows
         ``(x1, y1, x2, y2, C)`` in annotation order, padded with -1 (the first 40 rows are kept).
@@ -203,6 +208,7 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
         download: bool = False,
         image_size: int = 224,
         return_difficult: bool = False,
+        skip_bad_images: bool = False,
     ):
         if split not in VOC_SPLITS:
             raise ValueError(f"split must be one of {VOC_SPLITS}, got {split!r}")
@@ -210,6 +216,8 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
         self.split = split
         self.image_size = image_size
         self.return_difficult = return_difficult
+        self.skip_bad_images = skip_bad_images
+        self.bad_paths: List[str] = []
         self.idx_to_class = dict(enumerate(VOC_CLASSES))
         self.class_to_idx = {name: idx for idx, name in self.idx_to_class.items()}
         voc = self._open_voc(download)
@@ -245,6 +253,8 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
         objects = VOCDetection.parse_voc_xml(root)["annotation"].get("object", [])
         rows, difficult = [], []
         for obj in objects:
+            if obj["name"] not in self.class_to_idx:
+                raise ValueError(f"{path!r} names the class {obj['name']!r}, which is not one of {VOC_CLASSES}.")
             box = obj["bndbox"]
             x1, y1 = float(box["xmin"]) - 1, float(box["ymin"]) - 1
             rows.append([x1, y1, float(box["xmax"]), float(box["ymax"]), self.class_to_idx[obj["name"]]])
@@ -252,6 +262,20 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
         return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5), torch.tensor(difficult, dtype=torch.bool)
 
     def __getitem__(self, index: int):
+        if not self.skip_bad_images:
+            return self._load_item(index)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if self.image_paths[candidate] in self.bad_paths:
+                continue
+            try:
+                return self._load_item(candidate)
+            except OSError as error:  # _read_rgb and read_annotation name the file
+                self.bad_paths.append(self.image_paths[candidate])
+                warnings.warn(f"Skipping VOC item {candidate}: {error}", stacklevel=2)
+        raise OSError(f"No readable image left in the {self.split!r} split of {self.dataset_dir!r}.")
+
+    def _load_item(self, index: int):
         path = self.image_paths[index]
         image, transform = _resize_center_crop(_read_rgb(path), self.image_size)
         gt_boxes, difficult = self.read_annotation(index)
@@ -449,7 +473,7 @@ def _draw_box(ax, row: np.ndarray, text: str, dashed: bool) -> None:
     linestyle = "--" if dashed else "-"
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, linestyle=linestyle))
     ax.text(x1, y1, text, fontsize=8, color="black", verticalalignment="bottom",
-            bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"})
+            bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"}, clip_on=True)
 
 
 def detection_visualizer(
@@ -477,7 +501,9 @@ def detection_visualizer(
         img = denormalize_image(img)
     if ax is None:
         _, ax = _pyplot().subplots(figsize=(5, 5))
-    ax.imshow(_to_numpy(img) if torch.is_tensor(img) else img)
+    img = _to_numpy(img) if torch.is_tensor(img) else img
+    # extent puts pixel j over [j, j + 1], the continuous coordinates that boxes use.
+    ax.imshow(img, extent=(0, img.shape[1], img.shape[0], 0))
     ax.axis("off")
     if bbox is not None:
         bbox = _to_numpy(bbox)
@@ -490,6 +516,8 @@ def detection_visualizer(
     if points is not None:
         points = _to_numpy(points).reshape(-1, 2)
         ax.scatter(points[:, 0], points[:, 1], s=6, c="white", edgecolors="black", linewidths=0.5)
+    ax.set_xlim(0, img.shape[1])  # the view is the image, whatever lies outside it
+    ax.set_ylim(img.shape[0], 0)
     return ax.figure
 
 
@@ -504,7 +532,8 @@ def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[Pat
     """
     figure, ax = _pyplot().subplots(figsize=(7, 4))
     for name, values in history.items():
-        ax.plot(np.arange(1, len(values) + 1), values, label=name, linewidth=2 if name == "total" else 1)
+        style = "--" if name.startswith("metric_") else "-"  # the first stage's error and MAE, not losses
+        ax.plot(np.arange(1, len(values) + 1), values, style, label=name, linewidth=2 if name == "total" else 1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title("Training losses")
@@ -682,11 +711,11 @@ def _non_finite_message(values: Mapping[str, float], iteration: int, checkpoint_
     return message + " Try a lower learning_rate, a longer warm-up or grad_clip."
 
 
-def _loss_values(losses: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-    """Loss terms and their total as Python floats (one device sync per iteration)."""
-    floats = torch.stack([value.detach().float() for value in losses.values()]).tolist()
-    values = dict(zip(losses, floats))
-    values["total"] = math.fsum(floats)
+def _loss_values(losses: Mapping[str, torch.Tensor], metrics: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss terms, their total and the detector's metrics as Python floats (one device sync per iteration)."""
+    floats = torch.stack([value.detach().float() for value in [*losses.values(), *metrics.values()]]).tolist()
+    values = dict(zip([*losses, *metrics], floats))
+    values["total"] = math.fsum(values[name] for name in losses)
     return values
 
 
@@ -704,18 +733,21 @@ def train_detector(
     amp: str = "auto",
     progress: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
+    optimizer: str = "sgd",
 ) -> Dict[str, List[float]]:
     """Train a detector with SGD, a warm-up and two LR steps; resumable exactly from a checkpoint.
 
-    SGD with momentum 0.9 and weight decay; the LR rises linearly over ``warmup_iters`` (to keep
+    SGD with momentum 0.9 (or AdamW) and weight decay; the LR rises linearly over ``warmup_iters`` (to keep
     early, large gradients of a fresh head from blowing up) and drops x0.1 at 60% and 90% of
     ``max_iters``. The loader is re-iterated for as many epochs as needed.
 
     Args:
         detector: a module whose train-mode call ``detector(images, gt_boxes)`` returns a dict of
-            scalar losses (summed for the update).
+            scalar losses (summed for the update). If it has a ``training_metrics`` dict of scalars
+            (e.g. the first stage's classification error), those are logged in the history too,
+            never added to the loss.
         train_loader: yields ``(image_ids, images (B, 3, H, W), gt_boxes (B, M, 5), ...)``.
-        learning_rate, weight_decay: SGD settings.
+        learning_rate, weight_decay: optimizer settings.
         max_iters: number of updates in total (a resumed run counts the ones already done).
         log_period: every ``log_period`` iterations the progress bar shows the mean losses and
             the checkpoint (if any) is saved; it is also saved after the last iteration.
@@ -724,8 +756,9 @@ def train_detector(
             ``"format"`` (1), ``"iteration"`` (updates done), ``"max_iters"``, ``"model"``,
             ``"optimizer"``, ``"scheduler"``, ``"scaler"`` (state dicts), ``"loss_history"``,
             ``"rng"`` (python, numpy, torch, cuda), ``"data"`` (epoch, batch within it, RNG
-            states at the epoch's start) and ``"metadata"``. If it exists when training starts,
-            training resumes from it and ends exactly as an uninterrupted run would.
+            states at the epoch's start), ``"model_class"`` and ``"optimizer_class"`` (class names) and
+            ``"metadata"``. If it exists when training starts, training resumes from it and ends
+            exactly as an uninterrupted run would.
         warmup_iters: length of the linear warm-up; ``None`` = ``min(100, max_iters // 10)``.
         grad_clip: clip the global gradient norm to this value; ``None`` does not clip.
         amp: "auto" = bf16 autocast on CUDA where supported, else fp16 with a gradient scaler,
@@ -733,18 +766,21 @@ def train_detector(
         progress: show a tqdm progress bar with the current losses.
         metadata: plain Python values (e.g. the detector's configuration) stored as is under
             ``"metadata"`` in every checkpoint, so that the checkpoint can rebuild its detector.
+        optimizer: ``"sgd"`` (momentum 0.9, the course's choice for ImageNet-initialised backbones)
+            or ``"adamw"``, which trains a randomly initialised backbone much faster.
     Returns:
-        Loss history ``{loss name: [value per iteration], ..., "total": [...]}`` over all
+        Loss history ``{loss or metric name: [value per iteration], ..., "total": [...]}`` over all
         ``max_iters`` iterations (including those before a resume).
     Raises:
         NonFiniteLossError (a FloatingPointError): a loss was NaN or infinite; its message names
             the iteration (1-based) and the terms. Nothing is saved for that iteration.
-        RuntimeError: ``checkpoint_path`` exists but cannot be read; the file is left untouched.
+        RuntimeError: ``checkpoint_path`` exists but cannot be read, or holds weights that do not
+            fit ``detector`` (e.g. the other detector type); the file is left untouched.
     """
     device = torch.device(device)
     detector.to(device).train()
     params = [p for p in detector.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    optimizer = _make_optimizer(optimizer, params, learning_rate, weight_decay)
     warmup_iters = min(100, max_iters // 10) if warmup_iters is None else warmup_iters
     lr_lambda = functools.partial(_lr_factor, max_iters=max_iters, warmup_iters=warmup_iters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -759,7 +795,7 @@ def train_detector(
     last_saved = start if start > 0 else None
     for iteration in bar:
         losses = _forward(detector, next(batches), device, autocast_dtype)
-        values = _loss_values(losses)
+        values = _loss_values(losses, getattr(detector, "training_metrics", {}))
         if not all(math.isfinite(value) for value in values.values()):
             bar.close()
             raise NonFiniteLossError(_non_finite_message(values, iteration + 1, checkpoint_path, last_saved))
@@ -775,6 +811,14 @@ def train_detector(
                 last_saved = iteration + 1
     bar.close()
     return dict(history)
+
+
+def _make_optimizer(name: str, params: List[nn.Parameter], learning_rate: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
 def _forward(detector: nn.Module, batch: Sequence, device: torch.device,
@@ -801,13 +845,37 @@ def _update(total_loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: 
 def _checkpoint(iteration: int, max_iters: int, parts: Mapping[str, Any], history: Mapping[str, List[float]]) -> Dict:
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(format=_CHECKPOINT_FORMAT, iteration=iteration, max_iters=max_iters, rng=_rng_states(),
-                 loss_history={name: list(values) for name, values in history.items()})
+                 loss_history={name: list(values) for name, values in history.items()},
+                 model_class=type(parts["model"]).__name__, optimizer_class=type(parts["optimizer"]).__name__)
     return state
+
+
+def _check_model_fits(path: PathLike, checkpoint: Mapping[str, Any], detector: nn.Module) -> None:
+    """Raise a RuntimeError naming the file when its weights do not fit ``detector`` (before any is loaded)."""
+    saved, own = checkpoint["model"], detector.state_dict()
+    missing = [key for key in own if key not in saved]
+    unexpected = [key for key in saved if key not in own]
+    reshaped = [key for key in own if key in saved and saved[key].shape != own[key].shape]
+    if missing or unexpected or reshaped:
+        holds = checkpoint.get("model_class", "an unnamed model")
+        raise RuntimeError(
+            f"{os.fspath(path)!r} holds weights of {holds}, which do not fit this {type(detector).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(reshaped)} of another shape (e.g. {reshaped[:2]}). It was left untouched; pass another "
+            "checkpoint_path, or delete the file to start training from scratch."
+        )
 
 
 def _resume(path: PathLike, parts: Mapping[str, Any], max_iters: int) -> Tuple[int, Dict[str, List[float]]]:
     """Restore every part from a checkpoint; returns (iterations done, loss history)."""
     checkpoint = read_checkpoint(path)
+    _check_model_fits(path, checkpoint, parts["model"])
+    saved_optimizer, optimizer = checkpoint.get("optimizer_class"), type(parts["optimizer"]).__name__
+    if saved_optimizer not in (None, optimizer):
+        raise RuntimeError(
+            f"{os.fspath(path)!r} was trained with {saved_optimizer}, this run uses {optimizer}. It was left "
+            "untouched; resume with the same optimizer, or pass another checkpoint_path."
+        )
     if checkpoint["max_iters"] != max_iters:
         warnings.warn(
             f"{os.fspath(path)!r} was saved for max_iters={checkpoint['max_iters']}, now {max_iters}: "
@@ -1075,6 +1143,79 @@ def plot_precision_recall(
     if path is not None:
         figure.savefig(path, dpi=100)
     return figure
+
+
+def proposal_recall(
+    proposals: Sequence[Any],
+    ground_truths: Sequence[Any],
+    iou_thresholds: Sequence[float] = _COCO_IOU_THRESHOLDS,
+    max_proposals: Sequence[int] = (10, 100, 300),
+) -> Dict[str, Any]:
+    """Recall of region proposals at several IoU thresholds, and their average recall (AR).
+
+    A ground-truth box is recalled at threshold t by the first N proposals of its image when one of
+    them overlaps it with IoU >= t (Hosang et al., "What makes for effective detection proposals?",
+    PAMI 2016; a proposal may cover several boxes). AR@N is the mean recall over IoU 0.5:0.05:0.95,
+    which tracks the final detector's mAP better than recall at 0.5 alone. Difficult objects are
+    left out. A tolerance of 1e-6 keeps a box at IoU exactly t from missing t through rounding.
+
+    Args:
+        proposals: per image, (P, 4) boxes by decreasing score (tensors or arrays).
+        ground_truths: per image, a dict with ``"boxes"`` (M, 4) (and optionally ``"difficult"``),
+            as ``gt_boxes_to_targets`` gives, or the (M, 4) boxes themselves.
+        iou_thresholds: the T thresholds.
+        max_proposals: the numbers N of best proposals per image to evaluate.
+    Returns:
+        ``{"iou_thresholds": (T,) array, "recall": {N: (T,) array}, "ar": {N: float}, "num_gt": int}``;
+        with no ground truth at all every recall is 0.
+    """
+    thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+    best = {n: [] for n in max_proposals}  # per N, the best IoU of every GT box
+    for boxes, gt in zip(proposals, ground_truths):
+        gt_boxes = _to_numpy(gt["boxes"] if isinstance(gt, Mapping) else gt, np.float64).reshape(-1, 4)
+        if isinstance(gt, Mapping) and gt.get("difficult") is not None:
+            gt_boxes = gt_boxes[~_to_numpy(gt["difficult"], bool).reshape(-1)]
+        ious = _iou_matrix(_to_numpy(boxes, np.float64).reshape(-1, 4), gt_boxes)  # (P, M)
+        for n in max_proposals:
+            best[n].append(ious[:n].max(axis=0) if len(ious[:n]) else np.zeros(len(gt_boxes)))
+    num_gt = sum(len(b) for b in best[max_proposals[0]]) if max_proposals else 0
+    recall = {}
+    for n in max_proposals:
+        best_ious = np.concatenate(best[n]) if best[n] else np.zeros(0)
+        recall[n] = (best_ious[None, :] >= thresholds[:, None] - 1e-6).sum(axis=1) / max(num_gt, 1)
+    return {
+        "iou_thresholds": thresholds,
+        "recall": recall,
+        "ar": {n: float(np.mean(r)) for n, r in recall.items()},
+        "num_gt": num_gt,
+    }
+
+
+def plot_proposal_recall(results: Mapping[str, Mapping[str, Any]], num_proposals: int = 100,
+                         path: Optional[PathLike] = None, ax=None):
+    """Recall against IoU threshold, one curve per first stage, with AR@N in the legend.
+
+    Args:
+        results: {name: ``proposal_recall``'s dict}.
+        num_proposals: which N of their ``max_proposals`` to draw.
+        path: save the figure there too.
+        ax: draw into this matplotlib axis instead of a new figure.
+    Returns:
+        The matplotlib figure.
+    """
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(6, 4))
+    for name, result in results.items():
+        label = f"{name} (AR@{num_proposals} = {result['ar'][num_proposals]:.3f})"
+        ax.plot(result["iou_thresholds"], result["recall"][num_proposals], marker="o", label=label)
+    ax.set_xlabel("IoU threshold")
+    ax.set_ylabel(f"recall of {num_proposals} proposals per image")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if path is not None:
+        ax.figure.savefig(path, dpi=100, bbox_inches="tight")
+    return ax.figure
 
 
 def gt_boxes_to_targets(

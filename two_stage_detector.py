@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, roi_align, sigmoid_focal_loss
 
 from common import (
     TensorDict,
@@ -27,13 +27,24 @@ from common import (
     get_fpn_location_coords,
     iou,
 )
+from one_stage_detector import (
+    FCOSPredictionNetwork,
+    fcos_apply_deltas_to_locations,
+    fcos_get_deltas_from_locations,
+    fcos_make_centerness_targets,
+    fcos_match_locations_to_gt,
+)
 
 __all__ = [
+    "FCOSProposalNetwork",
     "FasterRCNN",
+    "FirstStage",
     "RPN",
     "RPNPredictionNetwork",
+    "first_stage_metrics",
     "generate_fpn_anchors",
     "hello_two_stage_detector",
+    "init_from_fcos",
     "iou",
     "rcnn_apply_deltas_to_anchors",
     "rcnn_assign_rois_to_fpn_levels",
@@ -122,9 +133,14 @@ def generate_fpn_anchors(
     return anchors
 
 
-def _batched_iou(gt_boxes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """``common.iou`` per image: gt (B, M, 4) with boxes (N, 4) shared by all images or (B, N, 4) -> (B, M, N)."""
-    return torch.vmap(iou, in_dims=(0, 0 if boxes.dim() == 3 else None))(gt_boxes, boxes)
+def _has_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4 | 5) -> (...) True where the box is not empty (zero-width, inverted and clipped-away boxes are)."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
+def _is_real_gt(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 5) -> (...) True for GT rows that may be matched: not padding (class >= 0) and not empty."""
+    return (gt_boxes[..., 4] >= 0) & _has_area(gt_boxes)
 
 
 @torch.no_grad()
@@ -138,7 +154,10 @@ def rcnn_match_anchors_to_gt(
 
     With ``(low, high) = iou_thresholds``: an anchor whose best IoU is >= high gets that GT row; one
     whose IoUs are all < low is background (-1 row); the rest are neutral (-1e8 row) and never
-    trained on. Padding GT rows (class -1) never match; without real GT every anchor is background.
+    trained on. Padding GT rows (class -1) and empty ones (``x2 <= x1`` or ``y2 <= y1``) never
+    match; without such real GT every anchor is background. A batch is matched image by image, so
+    that the largest tensor is one image's (M, N) IoU matrix whatever the batch size (see
+    ``benchmarks/bench_matching_memory.py``).
 
     Args:
         anchor_boxes: (N, 4), or (B, N, 4) with its own boxes for each image.
@@ -151,22 +170,27 @@ def rcnn_match_anchors_to_gt(
     Returns:
         (N, 5) matched GT rows, or (B, N, 5) for a batch.
     """
-    single_image = gt_boxes.dim() == 2
-    batched_gt = gt_boxes[None] if single_image else gt_boxes  # (B, M, 5)
-    if batched_gt.shape[1] == 0:  # no rows at all: one padding row keeps max() well defined
-        batched_gt = batched_gt.new_full((batched_gt.shape[0], 1, 5), BACKGROUND)
-    ious = _batched_iou(batched_gt[..., :4], anchor_boxes)  # (B, M, N)
-    ious = ious.masked_fill(batched_gt[..., 4:] < 0, -1.0)  # padding below every real IoU
-    best_iou, best_gt = ious.max(dim=1)  # (B, N)
+    if gt_boxes.dim() == 3:
+        anchors_per_image = anchor_boxes.expand(len(gt_boxes), -1, -1)  # (B, N, 4), a view when shared
+        return torch.stack(
+            [
+                rcnn_match_anchors_to_gt(anchors, gt, iou_thresholds, allow_low_quality_matches)
+                for anchors, gt in zip(anchors_per_image, gt_boxes)
+            ]
+        )
+    if len(gt_boxes) == 0:  # no rows at all: one padding row keeps max() well defined
+        gt_boxes = gt_boxes.new_full((1, 5), BACKGROUND)
+    ious = iou(gt_boxes[:, :4], anchor_boxes)  # (M, N)
+    ious = ious.masked_fill(~_is_real_gt(gt_boxes)[:, None], -1.0)  # below every real IoU
+    best_iou, best_gt = ious.max(dim=0)  # (N,)
     if allow_low_quality_matches:
-        gt_best_iou = ious.amax(dim=2, keepdim=True)  # (B, M, 1)
+        gt_best_iou = ious.amax(dim=1, keepdim=True)  # (M, 1)
         is_gt_best = (ious == gt_best_iou) & (gt_best_iou > 0)  # ties all count, as in the paper
-        best_iou = torch.where(is_gt_best.any(dim=1), math.inf, best_iou)
+        best_iou = torch.where(is_gt_best.any(dim=0), math.inf, best_iou)
     low, high = iou_thresholds
-    matched = torch.gather(batched_gt, 1, best_gt[..., None].expand(-1, -1, 5))  # (B, N, 5)
-    matched = torch.where((best_iou >= high)[..., None], matched, NEUTRAL)
-    matched = torch.where((best_iou < low)[..., None], BACKGROUND, matched)
-    return matched[0] if single_image else matched
+    matched = gt_boxes[best_gt]  # (N, 5)
+    matched = torch.where((best_iou >= high)[:, None], matched, NEUTRAL)
+    return torch.where((best_iou < low)[:, None], BACKGROUND, matched)
 
 
 def _is_matched(gt_boxes: torch.Tensor) -> torch.Tensor:
@@ -280,9 +304,24 @@ def _group_by_image(keep: torch.Tensor, image_ids: torch.Tensor, num_images: int
     return [part[:limit] for part in keep.split(counts)]
 
 
-def _has_area(boxes: torch.Tensor) -> torch.Tensor:
-    """(N, 4) -> (N,) True where the box is not empty (clipping can flatten boxes outside the image)."""
-    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+def first_stage_metrics(
+    obj_logits: torch.Tensor, is_fg: torch.Tensor, pred_deltas: torch.Tensor, target_deltas: torch.Tensor
+) -> TensorDict:
+    """The textbook's first-stage measures, to log beside the losses (no gradient, not losses).
+
+    ``metric_rpn_cls_error``: fraction of the N anchors (or locations) whose objectness, thresholded
+    at probability 0.5, disagrees with its label. ``metric_rpn_box_mae``: mean absolute error of the
+    F foreground box deltas (0 without foreground). The first stages keep them in their
+    ``training_metrics`` attribute, not in the losses they return; ``a4_helper.train_detector`` logs
+    them in the history.
+
+    Args:
+        obj_logits: (N,); is_fg: (N,) bool; pred_deltas, target_deltas: (F, 4).
+    """
+    with torch.no_grad():
+        cls_error = ((obj_logits > 0) != is_fg).float().mean() if len(is_fg) else obj_logits.new_zeros(())
+        box_mae = (pred_deltas - target_deltas).abs().mean() if len(pred_deltas) else pred_deltas.new_zeros(())
+    return {"metric_rpn_cls_error": cls_error, "metric_rpn_box_mae": box_mae.float()}
 
 
 class RPN(nn.Module):
@@ -330,6 +369,7 @@ class RPN(nn.Module):
         self.post_nms_topk = post_nms_topk
         self.fg_fraction = fg_fraction
         self.allow_low_quality_matches = allow_low_quality_matches
+        self.training_metrics: TensorDict = {}
         self._anchor_cache: Optional[Tuple[tuple, TensorDict]] = None
 
     def forward(
@@ -349,7 +389,8 @@ class RPN(nn.Module):
                 size times its stride.
         Returns:
             ``{"proposals": list of B (P, 4) tensors, detached}``, plus ``"loss_rpn_obj"`` and
-            ``"loss_rpn_box"`` in training.
+            ``"loss_rpn_box"`` in training, which also leaves ``first_stage_metrics`` in
+            ``self.training_metrics``.
         """
         obj_logits, boxreg_deltas = self.pred_net(feats_per_fpn_level)
         anchors = self._anchors(feats_per_fpn_level, strides_per_fpn_level)
@@ -406,6 +447,9 @@ class RPN(nn.Module):
         )
         target_deltas = rcnn_get_deltas_from_anchors(anchors.expand(B, -1, -1)[fg_mask], matched[fg_mask])
         loss_box = F.l1_loss(boxreg_deltas[fg_mask], target_deltas, reduction="sum")
+        self.training_metrics = first_stage_metrics(
+            obj_logits[sampled], fg_mask[sampled], boxreg_deltas[fg_mask], target_deltas
+        )
         return {"loss_rpn_obj": loss_obj / num_sampled, "loss_rpn_box": loss_box / num_sampled}
 
     @torch.no_grad()
@@ -442,6 +486,146 @@ class RPN(nn.Module):
         return [boxes[part] for part in _group_by_image(keep, image_ids, B, self.post_nms_topk)]
 
 
+class FCOSProposalNetwork(nn.Module):
+    """FCOS (Tian et al., ICCV 2019) as the first stage of Faster R-CNN: one "object" class.
+
+    Any one-stage detector's boxes can serve as proposals; this one is anchor-free, so there is no
+    anchor size or aspect ratio to tune. It keeps FCOS's head (with one class), matching, targets and
+    centerness, and follows ``RPN``'s interface, so ``FasterRCNN(backbone, FCOSProposalNetwork(...), K)``
+    trains end to end. Ground-truth classes collapse to 0; padding rows stay padding.
+
+    Args:
+        fpn_channels: channels C of the FPN levels.
+        stem_channels: channels of each 3x3 conv of the head's two stems.
+        nms_thresh: NMS IoU threshold of proposals (0.7, as ``RPN``).
+        pre_nms_topk: locations kept by score on each level before NMS.
+        post_nms_topk: proposals kept per image after NMS.
+        focal_alpha, focal_gamma: sigmoid focal loss of the objectness (RetinaNet's defaults, as FCOS).
+    """
+
+    def __init__(
+        self,
+        fpn_channels: int,
+        stem_channels: Sequence[int],
+        nms_thresh: float = 0.7,
+        pre_nms_topk: int = 400,
+        post_nms_topk: int = 100,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.pred_net = FCOSPredictionNetwork(1, fpn_channels, stem_channels)
+        self.nms_thresh = nms_thresh
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.training_metrics: TensorDict = {}
+
+    def forward(
+        self,
+        feats_per_fpn_level: TensorDict,
+        strides_per_fpn_level: Mapping[str, int],
+        gt_boxes: Optional[torch.Tensor] = None,
+        image_size: Optional[Tuple[int, int]] = None,
+    ) -> Dict[str, object]:
+        """Proposals for every image, and the first-stage losses in training (``RPN.forward``'s contract).
+
+        Args:
+            feats_per_fpn_level: {level: (B, C, Hl, Wl)}; strides_per_fpn_level: {level: stride}.
+            gt_boxes: (B, M, 5); the losses are computed when given in training mode.
+            image_size: ``(H, W)`` that proposals are clipped to; by default the first level's size times its stride.
+        Returns:
+            ``{"proposals": list of B (P, 4) tensors, detached}``, plus ``"loss_rpn_obj"`` (focal),
+            ``"loss_rpn_box"``, ``"loss_rpn_ctr"`` in training, which also leaves ``first_stage_metrics``
+            in ``self.training_metrics``.
+        """
+        obj_logits, boxreg_deltas, ctr_logits = self.pred_net(feats_per_fpn_level)
+        first = next(iter(feats_per_fpn_level.values()))
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        locations = get_fpn_location_coords(feats_per_fpn_level, strides_per_fpn_level, dtype, first.device)
+        if image_size is None:
+            level = next(iter(feats_per_fpn_level))
+            image_size = tuple(side * strides_per_fpn_level[level] for side in first.shape[-2:])
+        output = {
+            "proposals": self._propose(
+                obj_logits, boxreg_deltas, ctr_logits, locations, strides_per_fpn_level, image_size
+            )
+        }
+        if self.training and gt_boxes is not None:
+            output.update(
+                self._losses(obj_logits, boxreg_deltas, ctr_logits, locations, strides_per_fpn_level, gt_boxes)
+            )
+        return output
+
+    def _losses(self, obj_logits, boxreg_deltas, ctr_logits, locations, strides, gt_boxes) -> TensorDict:
+        """FCOS eq. 2 with one class, each term divided by the number of foreground locations (at
+        least 1): focal objectness on all locations, L1 (x0.25, as ``FCOS``'s default) on the LTRB
+        deltas and BCE on the centerness of the foreground ones.
+
+        Args: the head's outputs {level: (B, HlWl, 1 | 4 | 1)}, locations {level: (HlWl, 2)},
+        strides {level: stride}, gt_boxes (B, M, 5).
+        """
+        B = gt_boxes.shape[0]
+        object_gt = torch.cat([gt_boxes[..., :4], gt_boxes[..., 4:].clamp(max=0)], dim=-1)  # classes -> 0
+        matched = fcos_match_locations_to_gt(locations, strides, object_gt)  # {level: (B, HlWl, 5)}
+        target_deltas = cat_across_fpn_levels(
+            {
+                level: fcos_get_deltas_from_locations(
+                    locations[level].repeat(B, 1), matched[level].flatten(0, 1), strides[level]
+                ).view(B, -1, 4)
+                for level in matched
+            }
+        )  # (B, HW, 4)
+        foreground = cat_across_fpn_levels(matched)[..., 4] >= 0  # (B, HW)
+        num_foreground = foreground.sum().clamp(min=1)
+        obj_logits = cat_across_fpn_levels(obj_logits).squeeze(-1)  # (B, HW)
+        pred_fg = cat_across_fpn_levels(boxreg_deltas)[foreground]  # (F, 4)
+        target_fg = target_deltas[foreground]
+        loss_obj = sigmoid_focal_loss(
+            obj_logits, foreground.to(obj_logits.dtype), self.focal_alpha, self.focal_gamma, reduction="sum"
+        )
+        loss_box = 0.25 * F.l1_loss(pred_fg, target_fg, reduction="sum")
+        ctr_logits = cat_across_fpn_levels(ctr_logits).squeeze(-1)[foreground]
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            ctr_logits, fcos_make_centerness_targets(target_fg), reduction="sum"
+        )
+        self.training_metrics = first_stage_metrics(obj_logits.flatten(), foreground.flatten(), pred_fg, target_fg)
+        return {
+            "loss_rpn_obj": loss_obj / num_foreground,
+            "loss_rpn_box": loss_box / num_foreground,
+            "loss_rpn_ctr": loss_ctr / num_foreground,
+        }
+
+    @torch.no_grad()
+    def _propose(self, obj_logits, boxreg_deltas, ctr_logits, locations, strides, image_size) -> List[torch.Tensor]:
+        """FCOS 3.3 with one class: score ``sqrt(objectness * centerness)``, the ``pre_nms_topk``
+        best locations of each level, decoded and clipped, NMS per image (one batched call),
+        ``post_nms_topk`` per image.
+
+        Returns:
+            B tensors (P, 4) of proposals, by decreasing score; no gradient flows through them.
+        """
+        boxes, scores = [], []
+        for level, logits in obj_logits.items():
+            B, HlWl, _ = logits.shape
+            level_scores = torch.sqrt(logits.sigmoid() * ctr_logits[level].sigmoid()).squeeze(-1)  # (B, HlWl)
+            level_scores, index = level_scores.topk(min(self.pre_nms_topk, HlWl), dim=1)  # (B, k)
+            deltas = boxreg_deltas[level].gather(1, index[..., None].expand(-1, -1, 4))  # (B, k, 4)
+            level_boxes = fcos_apply_deltas_to_locations(
+                deltas.flatten(0, 1).float(), locations[level][index.flatten()], strides[level]
+            )
+            boxes.append(level_boxes.view(B, -1, 4))
+            scores.append(level_scores.float())
+        boxes, scores = torch.cat(boxes, dim=1), torch.cat(scores, dim=1)  # (B, L*k, ...)
+        B, num_candidates = scores.shape
+        boxes, scores = clip_boxes_to_image(boxes.flatten(0, 1), image_size), scores.flatten()
+        image_ids = torch.arange(B, device=boxes.device).repeat_interleave(num_candidates)
+        keep = _has_area(boxes).nonzero().squeeze(1)
+        keep = keep[batched_nms(boxes[keep], scores[keep], image_ids[keep], self.nms_thresh)]
+        return [boxes[part] for part in _group_by_image(keep, image_ids, B, self.post_nms_topk)]
+
+
 def rcnn_assign_rois_to_fpn_levels(
     roi_boxes: torch.Tensor, strides_per_fpn_level: Mapping[str, int], canonical_level: int = 4
 ) -> torch.Tensor:
@@ -473,7 +657,8 @@ class FasterRCNN(nn.Module):
 
     Args:
         backbone: a ``common.DetectorBackboneWithFPN`` (``.out_channels``, ``.fpn_strides``).
-        rpn: an ``RPN`` on the same FPN channels.
+        rpn: the first stage on the same FPN channels: an ``RPN`` or an ``FCOSProposalNetwork``
+            (any module with ``RPN.forward``'s signature and output contract).
         num_classes: K, without background.
         roi_size: ``(h, w)`` of the RoI Align output.
         stem_channels: channels of each 3x3 conv of the head, applied to the RoI features.
@@ -491,7 +676,7 @@ class FasterRCNN(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        rpn: RPN,
+        rpn: nn.Module,
         num_classes: int,
         roi_size: Tuple[int, int] = (7, 7),
         stem_channels: Sequence[int] = (64, 64),
@@ -537,7 +722,9 @@ class FasterRCNN(nn.Module):
             gt_boxes: (B, M, 5), needed in training mode.
             test_score_thresh, test_nms_thresh: evaluation thresholds (``None``: ``predict``'s defaults).
         Returns:
-            Training: ``{"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"}`` scalars.
+            Training: the first stage's losses (``RPN``: ``"loss_rpn_obj"``, ``"loss_rpn_box"``;
+            ``FCOSProposalNetwork`` adds ``"loss_rpn_ctr"``), then ``"loss_cls"``, ``"loss_box"``; all
+            scalars. The first stage's ``training_metrics`` are then in ``self.training_metrics``.
             Evaluation (B = 1): ``(pred_boxes (N, 4), pred_classes (N,) long, pred_scores (N,))``.
         """
         if not self.training:
@@ -550,15 +737,22 @@ class FasterRCNN(nn.Module):
         rois, matched_gt_boxes = self.sample_rois(rpn_output["proposals"], gt_boxes)
         cls_logits, box_deltas = self._head(self.roi_features(feats, rois))
         losses = self._roi_losses(cls_logits, box_deltas, rois, matched_gt_boxes)
-        return {"loss_rpn_obj": rpn_output["loss_rpn_obj"], "loss_rpn_box": rpn_output["loss_rpn_box"], **losses}
+        first_stage = {name: value for name, value in rpn_output.items() if name != "proposals"}
+        return {**first_stage, **losses}
+
+    @property
+    def training_metrics(self) -> Dict[str, torch.Tensor]:
+        """The first stage's ``first_stage_metrics`` of the last training step (logged, never trained on)."""
+        return getattr(self.rpn, "training_metrics", {})
 
     @torch.no_grad()
     def sample_rois(self, proposals: List[torch.Tensor], gt_boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The RoIs the second stage trains on, each with its own matched GT row (Fast R-CNN 2.3).
 
         GT boxes join each image's proposals (as in detectron2 and torchvision), so the head sees
-        foreground from the first iteration. All images are matched and sampled at once; the RoIs
-        and their targets come out of the same index, so they belong together by construction.
+        foreground from the first iteration; padding and empty GT rows do not (an empty box would
+        be a RoI without features). All images are sampled at once; the RoIs and their targets
+        come out of the same index, so they belong together by construction.
 
         Args:
             proposals: B tensors (P, 4); gt_boxes: (B, M, 5).
@@ -571,7 +765,7 @@ class FasterRCNN(nn.Module):
         lengths = torch.tensor([len(p) for p in proposals], device=padded.device)
         is_proposal = torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]  # (B, Pmax)
         boxes = torch.cat([padded.to(gt_boxes), gt_boxes[..., :4]], dim=1)  # (B, Pmax + M, 4)
-        is_real = torch.cat([is_proposal, gt_boxes[..., 4] >= 0], dim=1)
+        is_real = torch.cat([is_proposal, _is_real_gt(gt_boxes)], dim=1)
         matched = rcnn_match_anchors_to_gt(boxes, gt_boxes, self.roi_iou_thresholds)  # (B, Pmax + M, 5)
         matched = matched.masked_fill(~is_real[..., None], NEUTRAL)  # padding is never sampled
         fg_mask, bg_mask = _sample_fg_bg_masks(matched, self.batch_size_per_image, self.fg_fraction)
@@ -683,3 +877,72 @@ class FasterRCNN(nn.Module):
             {"boxes": boxes[part], "labels": labels[part], "scores": scores[part]}
             for part in _group_by_image(keep, image_ids, B, max_detections)
         ]
+
+
+class FirstStage(nn.Module):
+    """The first stage on its own: backbone + RPN, to train and inspect proposals before adding RoI heads.
+
+    It follows the detectors' interface, so ``a4_helper.train_detector`` trains it.
+
+    Args:
+        backbone: a ``common.DetectorBackboneWithFPN``.
+        rpn: an ``RPN`` or an ``FCOSProposalNetwork``.
+    """
+
+    def __init__(self, backbone: nn.Module, rpn: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+
+    def forward(self, images: torch.Tensor, gt_boxes: Optional[torch.Tensor] = None):
+        """Training: the first stage's losses. Evaluation: B proposal tensors (P, 4)."""
+        H, W = images.shape[-2:]
+        output = self.rpn(self.backbone(images), self.backbone.fpn_strides, gt_boxes, image_size=(H, W))
+        if self.training:
+            return {name: value for name, value in output.items() if name != "proposals"}
+        return output["proposals"]
+
+    @property
+    def training_metrics(self) -> Dict[str, torch.Tensor]:
+        """The first stage's ``first_stage_metrics`` of the last training step (logged, never trained on)."""
+        return getattr(self.rpn, "training_metrics", {})
+
+
+def init_from_fcos(detector: nn.Module, fcos_state_dict: Mapping[str, torch.Tensor]) -> List[str]:
+    """Start a two-stage detector (or a ``FirstStage``) from a trained FCOS (mmdetection's recipe of a
+    pre-trained FCOS as RPN, which shortens the two-stage training).
+
+    The backbone (``backbone.*``) is copied. If ``detector.rpn`` is an ``FCOSProposalNetwork``, FCOS's
+    head is copied too (both stems, box and centerness convs), and its K-class conv collapses to the
+    one "object" class: the filter is the mean of the K class filters and the bias the largest class
+    bias, so an untouched location starts near FCOS's prior (p = 0.01) and the object filter
+    responds to what all classes share. The second stage keeps its own initialisation.
+
+    Args:
+        detector: a ``FasterRCNN`` or ``FirstStage`` with the FCOS's FPN and stem channels.
+        fcos_state_dict: ``FCOS.state_dict()``, e.g. ``checkpoint["model"]`` of ``detect.py train --model fcos``.
+    Returns:
+        The names (in ``detector.state_dict()``) of the tensors that were set.
+    Raises:
+        ValueError: the state dict is not an FCOS's, or a tensor's shape does not fit.
+    """
+    if "pred_net.pred_cls.weight" not in fcos_state_dict:
+        raise ValueError("init_from_fcos needs an FCOS state dict (it has no 'pred_net.pred_cls.weight').")
+    source = {name: value for name, value in fcos_state_dict.items() if name.startswith("backbone.")}
+    if isinstance(detector.rpn, FCOSProposalNetwork):
+        for name, value in fcos_state_dict.items():
+            if name.startswith("pred_net.") and not name.startswith("pred_net.pred_cls."):
+                source["rpn." + name] = value
+        source["rpn.pred_net.pred_cls.weight"] = fcos_state_dict["pred_net.pred_cls.weight"].mean(dim=0, keepdim=True)
+        source["rpn.pred_net.pred_cls.bias"] = fcos_state_dict["pred_net.pred_cls.bias"].amax(dim=0, keepdim=True)
+    own = detector.state_dict()
+    wrong = [name for name, value in source.items() if name not in own or own[name].shape != value.shape]
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} FCOS tensors do not fit this {type(detector).__name__} (e.g. {wrong[:3]}); "
+            "build it with the FCOS's FPN and stem channels."
+        )
+    with torch.no_grad():
+        for name, value in source.items():
+            own[name].copy_(value)
+    return sorted(source)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import a4_helper
 import detect
@@ -94,3 +95,29 @@ def test_ci_runs_exactly_the_readme_commands():
     ci_lines = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
     ci_commands = [line for line in ci_lines if line and not line.startswith(("#", "set ", "cd "))]
     assert ci_commands == readme_commands
+
+
+def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_path, capsys):
+    fcos_out, rcnn_out = tmp_path / "fcos", tmp_path / "rcnn"
+    detect.main(["train", "--model", "fcos", "--weights", "none", "--out", str(fcos_out), *TINY_RUN])
+    fcos_state = torch.load(fcos_out / "checkpoint.pt", weights_only=True)["model"]
+    args = ["--model", "faster_rcnn", "--first-stage", "fcos", "--init-from", str(fcos_out / "checkpoint.pt")]
+    # One update at lr 1e-12 leaves the weights the FCOS checkpoint gave them.
+    tiny_step = ["--iters", "1", "--lr", "1e-12", *TINY_RUN[2:]]
+    detect.main(["train", *args, "--weights", "none", "--out", str(rcnn_out), *tiny_step])
+    detector, config = detect.load_detector(str(rcnn_out / "checkpoint.pt"))
+    assert config["first_stage"] == "fcos" and isinstance(detector.rpn, detect.FCOSProposalNetwork)
+    own = detector.state_dict()
+    for key in ("backbone.fpn_params.output_p5.weight", "pred_net.pred_box.weight", "pred_net.stem_cls.0.weight"):
+        own_key = key if key.startswith("backbone.") else "rpn." + key
+        assert_close(own[own_key], fcos_state[key], atol=1e-8, rtol=0)
+
+    capsys.readouterr()
+    metrics = detect.main(["eval", "--checkpoint", str(rcnn_out / "checkpoint.pt"), "--proposals"])
+    assert "fcos proposals: AR@10" in capsys.readouterr().out
+    written = json.loads((rcnn_out / "metrics.json").read_text())["proposals"]
+    assert written == metrics["proposals"] and set(written) >= {"ar_10", "ar_100", "ar_300"}
+    assert 0 <= written["ar_10"] <= written["ar_100"] <= written["ar_300"] <= 1
+    assert (rcnn_out / "proposal_recall.png").is_file()
+    with pytest.raises(SystemExit, match="faster_rcnn only"):
+        detect.main(["train", "--model", "fcos", "--first-stage", "fcos", "--out", str(tmp_path / "x"), *TINY_RUN])

@@ -306,6 +306,7 @@ def test_rpn_training_outputs_and_proposals():
     gt = _gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []])
     output = rpn(feats, FPN_STRIDES, gt)
     assert set(output) == {"proposals", "loss_rpn_obj", "loss_rpn_box"}
+    assert set(rpn.training_metrics) == {"metric_rpn_cls_error", "metric_rpn_box_mae"}
     assert output["loss_rpn_obj"] > 0 and output["loss_rpn_box"] > 0
     (output["loss_rpn_obj"] + output["loss_rpn_box"]).backward()
     assert rpn.pred_net.pred_box.weight.grad.abs().sum() > 0
@@ -434,8 +435,9 @@ def test_faster_rcnn_losses_finite_with_an_image_without_boxes():
     images = torch.randn(2, 3, 64, 64)
     gt = _gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []], M=40)
     losses = model(images, gt)
-    assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"}
+    assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"}  # API.md's four, nothing else
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    assert all(torch.isfinite(v) and not v.requires_grad for v in model.training_metrics.values())
     sum(losses.values()).backward()
     assert model.box_pred.weight.grad.abs().sum() > 0 and model.backbone.fpn_params["output_p3"].weight.grad is not None
     no_boxes = model(images, torch.full((2, 40, 5), -1.0))
@@ -527,3 +529,146 @@ def test_faster_rcnn_learns_to_detect(overfit_run):
     detections = model.predict(overfit_run["images"], score_thresh=0.05)
     result = a4_helper.compute_map(detections, overfit_run["ground_truths"], model.num_classes, iou_threshold=0.5)
     assert result["map"] >= 0.8
+
+
+# ----------------------------------------------------------------------------------------------
+# FCOS as the first stage: contract, losses, initialisation from an FCOS, learning
+# ----------------------------------------------------------------------------------------------
+
+
+def _fcos_faster_rcnn(num_classes: int = 3, fpn_channels: int = 16, **kwargs) -> FasterRCNN:
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False)
+    first_stage = tsd.FCOSProposalNetwork(fpn_channels, [fpn_channels], **{"post_nms_topk": 30, **kwargs})
+    return FasterRCNN(backbone, first_stage, num_classes, stem_channels=[fpn_channels], batch_size_per_image=16)
+
+
+def test_fcos_first_stage_output_contract_and_losses():
+    model = _fcos_faster_rcnn()
+    images = torch.randn(2, 3, 64, 64)
+    gt = _gt_batch([[[5, 5, 40, 40, 2]], []])
+    losses = model(images, gt)
+    assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_rpn_ctr", "loss_cls", "loss_box"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    cls_error = model.training_metrics["metric_rpn_cls_error"]
+    assert not cls_error.requires_grad and 0 <= cls_error <= 1
+    output = model.rpn(model.backbone(images), FPN_STRIDES, gt, image_size=(64, 64))
+    assert len(output["proposals"]) == 2
+    for proposals in output["proposals"]:
+        assert proposals.shape[1] == 4 and len(proposals) <= 30 and not proposals.requires_grad
+        assert (proposals >= 0).all() and (proposals <= 64).all()
+    # Classes collapse to one "object" class: relabelling the box changes no first-stage loss.
+    object_gt = gt.clone()
+    object_gt[..., 4] = torch.where(gt[..., 4] >= 0, 0.0, -1.0)
+    relabelled = model.rpn(model.backbone(images), FPN_STRIDES, object_gt)
+    for name in ("loss_rpn_obj", "loss_rpn_box", "loss_rpn_ctr"):
+        assert_close(relabelled[name], output[name])
+
+
+def test_fcos_first_stage_without_any_box_and_in_first_stage_wrapper():
+    first_stage = tsd.FirstStage(DetectorBackboneWithFPN(16, pretrained=False), tsd.FCOSProposalNetwork(16, [16]))
+    losses = first_stage(torch.randn(2, 3, 64, 64), _gt_batch([[], []]))
+    assert losses["loss_rpn_obj"] > 0 and losses["loss_rpn_box"] == 0 and losses["loss_rpn_ctr"] == 0
+    assert first_stage.training_metrics["metric_rpn_box_mae"] == 0
+    proposals = first_stage.eval()(torch.randn(2, 3, 64, 64))
+    assert len(proposals) == 2 and all(p.shape[1] == 4 and len(p) <= 100 for p in proposals)
+
+
+def test_first_stage_metrics_hand_computed():
+    # logits > 0 predict "object": labels (1, 0, 1, 0) vs predictions (1, 1, 0, 0) -> 2 errors in 4.
+    metrics = tsd.first_stage_metrics(
+        torch.tensor([2.0, 0.5, -1.0, -3.0]),
+        torch.tensor([True, False, True, False]),
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+        torch.tensor([[1.5, 2.0, 2.0, 4.0]]),
+    )
+    assert_close(metrics["metric_rpn_cls_error"], torch.tensor(0.5))
+    assert_close(metrics["metric_rpn_box_mae"], torch.tensor(0.375))  # (0.5 + 0 + 1 + 0) / 4
+
+
+def test_rpn_returns_first_stage_metrics():
+    model = _small_faster_rcnn()
+    losses = model(torch.randn(2, 3, 64, 64), _gt_batch([[[5, 5, 40, 40, 1]], []]))
+    assert not any(name.startswith("metric_") for name in losses)  # logged, never summed into a loss
+    assert set(model.training_metrics) == {"metric_rpn_cls_error", "metric_rpn_box_mae"}
+
+
+def test_init_from_fcos_copies_backbone_and_head_and_collapses_classes():
+    from one_stage_detector import FCOS
+
+    fcos = FCOS(3, 16, [16], pretrained=False)
+    with torch.no_grad():
+        for p in fcos.parameters():
+            p.normal_()  # no tensor equals a fresh initialisation by chance
+    state = fcos.state_dict()
+    model = _fcos_faster_rcnn(num_classes=5)
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("backbone.", "rpn."))}
+    copied = tsd.init_from_fcos(model, state)
+    own = model.state_dict()
+    backbone_keys = [k for k in state if k.startswith("backbone.")]
+    assert set(backbone_keys) <= set(copied)
+    for key in backbone_keys:
+        assert torch.equal(own[key], state[key])
+    for key in ("stem_cls.0.weight", "stem_box.0.weight", "pred_box.weight", "pred_box.bias", "pred_ctr.weight"):
+        assert torch.equal(own["rpn.pred_net." + key], state["pred_net." + key])
+    assert_close(own["rpn.pred_net.pred_cls.weight"], state["pred_net.pred_cls.weight"].mean(0, keepdim=True))
+    assert_close(own["rpn.pred_net.pred_cls.bias"], state["pred_net.pred_cls.bias"].max().reshape(1))
+    for key, value in head_before.items():  # the second stage keeps its own initialisation
+        assert torch.equal(own[key], value)
+
+
+def test_init_from_fcos_with_anchor_rpn_copies_the_backbone_only():
+    from one_stage_detector import FCOS
+
+    state = FCOS(3, 16, [16], pretrained=False).state_dict()
+    model = _small_faster_rcnn(fpn_channels=16)
+    rpn_before = {k: v.clone() for k, v in model.rpn.state_dict().items()}
+    copied = tsd.init_from_fcos(model, state)
+    assert copied == sorted(k for k in state if k.startswith("backbone."))
+    assert all(torch.equal(model.rpn.state_dict()[k], v) for k, v in rpn_before.items())
+    with pytest.raises(ValueError, match="do not fit"):
+        tsd.init_from_fcos(_small_faster_rcnn(fpn_channels=8), state)
+    with pytest.raises(ValueError, match="FCOS state dict"):
+        tsd.init_from_fcos(model, model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def fcos_first_stage_run():
+    """Train a small Faster R-CNN with an FCOS first stage on the 4 synthetic 64 x 64 images."""
+    torch.manual_seed(0)
+    data = a4_helper.SyntheticDetection(split="train", num_images=4, image_size=64, seed=0)
+    images = torch.stack([data[i][1] for i in range(len(data))])
+    gt_boxes = torch.stack([data[i][2] for i in range(len(data))])
+    model = FasterRCNN(
+        DetectorBackboneWithFPN(32, pretrained=False),
+        tsd.FCOSProposalNetwork(32, [32], pre_nms_topk=100, post_nms_topk=30),
+        data.num_classes,
+        stem_channels=[32],
+        batch_size_per_image=16,
+    )
+    # AdamW as FCOS's own learning test: SGD at the anchor test's lr 0.01 diverges within 30
+    # iterations here (the unbounded LTRB regression; mmdetection lengthens the warm-up for this).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[120], gamma=0.1)
+    history = []
+    for _ in range(150):
+        losses = model(images, gt_boxes)
+        optimizer.zero_grad()
+        sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+        optimizer.step()
+        scheduler.step()
+        history.append({name: value.item() for name, value in losses.items()})
+    ground_truths = [{"boxes": gt[gt[:, 4] >= 0, :4], "labels": gt[gt[:, 4] >= 0, 4].long()} for gt in gt_boxes]
+    return {"model": model.eval(), "images": images, "ground_truths": ground_truths, "history": history}
+
+
+def test_fcos_first_stage_faster_rcnn_learns_to_detect(fcos_first_stage_run):
+    names = ["loss_rpn_obj", "loss_rpn_box", "loss_rpn_ctr", "loss_cls", "loss_box"]
+    first, last = _mean_first_and_last(fcos_first_stage_run["history"], names)
+    assert last <= first / 2
+    model = fcos_first_stage_run["model"]
+    proposals = tsd.FirstStage(model.backbone, model.rpn).eval()(fcos_first_stage_run["images"])
+    recall = a4_helper.proposal_recall(proposals, fcos_first_stage_run["ground_truths"], max_proposals=(30,))
+    assert recall["recall"][30][0] >= 0.9  # recall at IoU 0.5 of the 30 proposals per image
+    detections = model.predict(fcos_first_stage_run["images"], score_thresh=0.05)
+    ground_truths = fcos_first_stage_run["ground_truths"]
+    assert a4_helper.compute_map(detections, ground_truths, model.num_classes, iou_threshold=0.5)["map"] >= 0.8
