@@ -214,6 +214,73 @@ def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> to
     return 1.0 - giou
 
 
+@torch.no_grad()
+def fcos_make_targets(
+    locations_per_fpn_level: TensorDict, strides_per_fpn_level: Mapping[str, int], gt_boxes: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Training targets of every location of a batch, levels concatenated in order p3, p4, p5.
+
+    Args:
+        locations_per_fpn_level: {level: (Hl*Wl, 2)}; strides_per_fpn_level: {level: stride};
+        gt_boxes: (B, M, 5).
+    Returns:
+        matched_gt_boxes (B, HW, 5) (``fcos_match_locations_to_gt``) and target_deltas (B, HW, 4)
+        (``fcos_get_deltas_from_locations``; background -1).
+    """
+    B = gt_boxes.shape[0]
+    matched = fcos_match_locations_to_gt(locations_per_fpn_level, strides_per_fpn_level, gt_boxes)
+    target_deltas = {
+        level: fcos_get_deltas_from_locations(
+            locations_per_fpn_level[level].repeat(B, 1), matched[level].flatten(0, 1), strides_per_fpn_level[level]
+        ).view(B, -1, 4)  # (B*HlWl, 4) -> (B, HlWl, 4)
+        for level in matched
+    }
+    return cat_across_fpn_levels(matched), cat_across_fpn_levels(target_deltas)
+
+
+def fcos_losses(
+    matched_gt_boxes: torch.Tensor,
+    target_deltas: torch.Tensor,
+    pred_cls_logits: torch.Tensor,
+    pred_boxreg_deltas: torch.Tensor,
+    pred_ctr_logits: torch.Tensor,
+    box_loss: str = "l1",
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> TensorDict:
+    """FCOS eq. 2 on all locations of the batch, each term divided by the number of foreground
+    locations (at least 1, so that images without any box give a finite, positive class loss and
+    zero box and centerness losses).
+
+    Args:
+        matched_gt_boxes: (B, HW, 5); target_deltas: (B, HW, 4); pred_cls_logits: (B, HW, K);
+        pred_boxreg_deltas: (B, HW, 4); pred_ctr_logits: (B, HW).
+        box_loss, focal_alpha, focal_gamma: as ``FCOS``'s arguments.
+    Returns:
+        ``{"loss_cls", "loss_box", "loss_ctr"}`` scalars.
+    """
+    labels = matched_gt_boxes[..., 4]
+    foreground = labels >= 0  # (B, HW)
+    num_foreground = foreground.sum().clamp(min=1)
+    num_classes = pred_cls_logits.shape[-1]
+    class_targets = F.one_hot(labels.clamp(min=0).long(), num_classes).to(pred_cls_logits.dtype)
+    class_targets = class_targets * foreground[..., None]
+    loss_cls = sigmoid_focal_loss(pred_cls_logits, class_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
+
+    pred_fg, target_fg = pred_boxreg_deltas[foreground], target_deltas[foreground]  # (F, 4)
+    if box_loss == "giou":
+        loss_box = fcos_giou_loss(pred_fg, target_fg).sum()
+    else:
+        loss_box = 0.25 * F.l1_loss(pred_fg, target_fg, reduction="sum")
+    ctr_targets = fcos_make_centerness_targets(target_fg)
+    loss_ctr = F.binary_cross_entropy_with_logits(pred_ctr_logits[foreground], ctr_targets, reduction="sum")
+    return {
+        "loss_cls": loss_cls / num_foreground,
+        "loss_box": loss_box / num_foreground,
+        "loss_ctr": loss_ctr / num_foreground,
+    }
+
+
 class FCOS(nn.Module):
     """FCOS with a RegNetX-400MF + FPN backbone.
 
@@ -283,59 +350,17 @@ class FCOS(nn.Module):
             raise ValueError("FCOS needs gt_boxes in training mode; call detector.eval() for inference.")
         check_gt_classes(gt_boxes, self.num_classes)
         locations, class_logits, boxreg_deltas, centerness_logits = self._run_network(images)
-        strides = self.backbone.fpn_strides
-        matched = fcos_match_locations_to_gt(locations, strides, gt_boxes)  # {level: (B, HlWl, 5)}
-        target_deltas = {
-            level: fcos_get_deltas_from_locations(
-                locations[level].repeat(len(images), 1), matched[level].flatten(0, 1), strides[level]
-            ).view_as(boxreg_deltas[level])
-            for level in matched
-        }
-        return self._losses(
-            cat_across_fpn_levels(matched),
-            cat_across_fpn_levels(target_deltas),
+        matched_gt_boxes, target_deltas = fcos_make_targets(locations, self.backbone.fpn_strides, gt_boxes)
+        return fcos_losses(
+            matched_gt_boxes,
+            target_deltas,
             cat_across_fpn_levels(class_logits),
             cat_across_fpn_levels(boxreg_deltas),
             cat_across_fpn_levels(centerness_logits).squeeze(-1),
+            box_loss=self.box_loss,
+            focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma,
         )
-
-    def _losses(
-        self,
-        matched_gt_boxes: torch.Tensor,
-        target_deltas: torch.Tensor,
-        pred_cls_logits: torch.Tensor,
-        pred_boxreg_deltas: torch.Tensor,
-        pred_ctr_logits: torch.Tensor,
-    ) -> TensorDict:
-        """FCOS eq. 2 on all locations of the batch, each term divided by the number of foreground
-        locations (at least 1, so that images without any box give a finite, positive class loss and
-        zero box and centerness losses).
-
-        Args:
-            matched_gt_boxes: (B, HW, 5); target_deltas: (B, HW, 4); pred_cls_logits: (B, HW, K);
-            pred_boxreg_deltas: (B, HW, 4); pred_ctr_logits: (B, HW).
-        """
-        labels = matched_gt_boxes[..., 4]
-        foreground = labels >= 0  # (B, HW)
-        num_foreground = foreground.sum().clamp(min=1)
-        class_targets = F.one_hot(labels.clamp(min=0).long(), self.num_classes).to(pred_cls_logits.dtype)
-        class_targets = class_targets * foreground[..., None]
-        loss_cls = sigmoid_focal_loss(
-            pred_cls_logits, class_targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        )
-
-        pred_fg, target_fg = pred_boxreg_deltas[foreground], target_deltas[foreground]  # (F, 4)
-        if self.box_loss == "giou":
-            loss_box = fcos_giou_loss(pred_fg, target_fg).sum()
-        else:
-            loss_box = 0.25 * F.l1_loss(pred_fg, target_fg, reduction="sum")
-        ctr_targets = fcos_make_centerness_targets(target_fg)
-        loss_ctr = F.binary_cross_entropy_with_logits(pred_ctr_logits[foreground], ctr_targets, reduction="sum")
-        return {
-            "loss_cls": loss_cls / num_foreground,
-            "loss_box": loss_box / num_foreground,
-            "loss_ctr": loss_ctr / num_foreground,
-        }
 
     @torch.no_grad()
     def inference(

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, roi_align, sigmoid_focal_loss
+from torchvision.ops import batched_nms, roi_align
 
 from common import (
     TensorDict,
@@ -30,9 +30,8 @@ from common import (
 from one_stage_detector import (
     FCOSPredictionNetwork,
     fcos_apply_deltas_to_locations,
-    fcos_get_deltas_from_locations,
-    fcos_make_centerness_targets,
-    fcos_match_locations_to_gt,
+    fcos_losses,
+    fcos_make_targets,
 )
 
 __all__ = [
@@ -559,42 +558,34 @@ class FCOSProposalNetwork(nn.Module):
         return output
 
     def _losses(self, obj_logits, boxreg_deltas, ctr_logits, locations, strides, gt_boxes) -> TensorDict:
-        """FCOS eq. 2 with one class, each term divided by the number of foreground locations (at
-        least 1): focal objectness on all locations, L1 (x0.25, as ``FCOS``'s default) on the LTRB
-        deltas and BCE on the centerness of the foreground ones.
+        """``FCOS``'s losses (``fcos_losses``) with one "object" class, renamed as first-stage losses:
+        focal objectness on all locations, L1 on the LTRB deltas and BCE on the centerness of the
+        foreground ones, each divided by the number of foreground locations.
 
         Args: the head's outputs {level: (B, HlWl, 1 | 4 | 1)}, locations {level: (HlWl, 2)},
         strides {level: stride}, gt_boxes (B, M, 5).
         """
-        B = gt_boxes.shape[0]
         object_gt = torch.cat([gt_boxes[..., :4], gt_boxes[..., 4:].clamp(max=0)], dim=-1)  # classes -> 0
-        matched = fcos_match_locations_to_gt(locations, strides, object_gt)  # {level: (B, HlWl, 5)}
-        target_deltas = cat_across_fpn_levels(
-            {
-                level: fcos_get_deltas_from_locations(
-                    locations[level].repeat(B, 1), matched[level].flatten(0, 1), strides[level]
-                ).view(B, -1, 4)
-                for level in matched
-            }
-        )  # (B, HW, 4)
-        foreground = cat_across_fpn_levels(matched)[..., 4] >= 0  # (B, HW)
-        num_foreground = foreground.sum().clamp(min=1)
-        obj_logits = cat_across_fpn_levels(obj_logits).squeeze(-1)  # (B, HW)
-        pred_fg = cat_across_fpn_levels(boxreg_deltas)[foreground]  # (F, 4)
-        target_fg = target_deltas[foreground]
-        loss_obj = sigmoid_focal_loss(
-            obj_logits, foreground.to(obj_logits.dtype), self.focal_alpha, self.focal_gamma, reduction="sum"
+        matched_gt_boxes, target_deltas = fcos_make_targets(locations, strides, object_gt)  # (B, HW, 5 | 4)
+        obj_logits = cat_across_fpn_levels(obj_logits)
+        boxreg_deltas = cat_across_fpn_levels(boxreg_deltas)
+        losses = fcos_losses(
+            matched_gt_boxes,
+            target_deltas,
+            obj_logits,
+            boxreg_deltas,
+            cat_across_fpn_levels(ctr_logits).squeeze(-1),
+            focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma,
         )
-        loss_box = 0.25 * F.l1_loss(pred_fg, target_fg, reduction="sum")
-        ctr_logits = cat_across_fpn_levels(ctr_logits).squeeze(-1)[foreground]
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            ctr_logits, fcos_make_centerness_targets(target_fg), reduction="sum"
+        foreground = matched_gt_boxes[..., 4] >= 0  # (B, HW)
+        self.training_metrics = first_stage_metrics(
+            obj_logits.flatten(), foreground.flatten(), boxreg_deltas[foreground], target_deltas[foreground]
         )
-        self.training_metrics = first_stage_metrics(obj_logits.flatten(), foreground.flatten(), pred_fg, target_fg)
         return {
-            "loss_rpn_obj": loss_obj / num_foreground,
-            "loss_rpn_box": loss_box / num_foreground,
-            "loss_rpn_ctr": loss_ctr / num_foreground,
+            "loss_rpn_obj": losses["loss_cls"],
+            "loss_rpn_box": losses["loss_box"],
+            "loss_rpn_ctr": losses["loss_ctr"],
         }
 
     @torch.no_grad()
