@@ -323,6 +323,12 @@ def first_stage_metrics(
     return {"metric_rpn_cls_error": cls_error, "metric_rpn_box_mae": box_mae.float()}
 
 
+def _image_size_of(feats_per_fpn_level: TensorDict, strides_per_fpn_level: Mapping[str, int]) -> Tuple[int, int]:
+    """``(H, W)`` of the input, as the first level's size times its stride (exact for multiples of 32)."""
+    level, feats = next(iter(feats_per_fpn_level.items()))
+    return tuple(side * strides_per_fpn_level[level] for side in feats.shape[-2:])
+
+
 class RPN(nn.Module):
     """Region Proposal Network (Faster R-CNN 3.1) on FPN levels (FPN 4.1).
 
@@ -393,9 +399,7 @@ class RPN(nn.Module):
         """
         obj_logits, boxreg_deltas = self.pred_net(feats_per_fpn_level)
         anchors = self._anchors(feats_per_fpn_level, strides_per_fpn_level)
-        if image_size is None:
-            level, feats = next(iter(feats_per_fpn_level.items()))
-            image_size = tuple(side * strides_per_fpn_level[level] for side in feats.shape[-2:])
+        image_size = image_size or _image_size_of(feats_per_fpn_level, strides_per_fpn_level)
         output = {"proposals": self._propose(obj_logits, boxreg_deltas, anchors, image_size)}
         if self.training and gt_boxes is not None:
             output.update(
@@ -543,9 +547,7 @@ class FCOSProposalNetwork(nn.Module):
         first = next(iter(feats_per_fpn_level.values()))
         dtype = torch.promote_types(first.dtype, torch.float32)
         locations = get_fpn_location_coords(feats_per_fpn_level, strides_per_fpn_level, dtype, first.device)
-        if image_size is None:
-            level = next(iter(feats_per_fpn_level))
-            image_size = tuple(side * strides_per_fpn_level[level] for side in first.shape[-2:])
+        image_size = image_size or _image_size_of(feats_per_fpn_level, strides_per_fpn_level)
         output = {
             "proposals": self._propose(
                 obj_logits, boxreg_deltas, ctr_logits, locations, strides_per_fpn_level, image_size
