@@ -480,29 +480,40 @@ def test_faster_rcnn_predict_and_eval_forward():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def overfit_run():
-    """Train a small Faster R-CNN on 4 synthetic 64 x 64 images (20 objects of 10 to 48 px)."""
-    torch.manual_seed(0)
+def _tiny_synthetic():
+    """4 synthetic 64 x 64 images (20 objects of 10 to 48 px): data set, images (4, 3, 64, 64), gt (4, 40, 5)."""
     data = a4_helper.SyntheticDetection(split="train", num_images=4, image_size=64, seed=0)
     images = torch.stack([data[i][1] for i in range(len(data))])
     gt_boxes = torch.stack([data[i][2] for i in range(len(data))])
-    backbone = DetectorBackboneWithFPN(32, pretrained=False)
-    # 16/32/64-px anchors fit these objects; the low-quality rule gives the 10-px ones an anchor too.
-    rpn = RPN(32, [32], 32, anchor_stride_scale=2, pre_nms_topk=100, post_nms_topk=30, allow_low_quality_matches=True)
-    model = FasterRCNN(backbone, rpn, data.num_classes, stem_channels=[32], batch_size_per_image=16)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[96], gamma=0.1)
+    return data, images, gt_boxes
+
+
+def _overfit(model, images, gt_boxes, optimizer, iterations, lr_step):
+    """Train on one fixed batch (LR x0.1 at ``lr_step``); returns the run the learning tests read."""
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[lr_step], gamma=0.1)
     history = []
-    for _ in range(120):
+    for _ in range(iterations):
         losses = model(images, gt_boxes)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
         scheduler.step()
         history.append({name: value.item() for name, value in losses.items()})
-    ground_truths = [{"boxes": gt[gt[:, 4] >= 0, :4], "labels": gt[gt[:, 4] >= 0, 4].long()} for gt in gt_boxes]
+    ground_truths = a4_helper.gt_boxes_to_targets(gt_boxes)
     return {"model": model.eval(), "images": images, "ground_truths": ground_truths, "history": history}
+
+
+@pytest.fixture(scope="module")
+def overfit_run():
+    """Train a small Faster R-CNN on the 4 tiny synthetic images."""
+    torch.manual_seed(0)
+    data, images, gt_boxes = _tiny_synthetic()
+    backbone = DetectorBackboneWithFPN(32, pretrained=False)
+    # 16/32/64-px anchors fit these objects; the low-quality rule gives the 10-px ones an anchor too.
+    rpn = RPN(32, [32], 32, anchor_stride_scale=2, pre_nms_topk=100, post_nms_topk=30, allow_low_quality_matches=True)
+    model = FasterRCNN(backbone, rpn, data.num_classes, stem_channels=[32], batch_size_per_image=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return _overfit(model, images, gt_boxes, optimizer, iterations=120, lr_step=96)
 
 
 def _mean_first_and_last(history, names, n=10):
@@ -636,11 +647,9 @@ def test_init_from_fcos_with_anchor_rpn_copies_the_backbone_only():
 
 @pytest.fixture(scope="module")
 def fcos_first_stage_run():
-    """Train a small Faster R-CNN with an FCOS first stage on the 4 synthetic 64 x 64 images."""
+    """Train a small Faster R-CNN with an FCOS first stage on the 4 tiny synthetic images."""
     torch.manual_seed(0)
-    data = a4_helper.SyntheticDetection(split="train", num_images=4, image_size=64, seed=0)
-    images = torch.stack([data[i][1] for i in range(len(data))])
-    gt_boxes = torch.stack([data[i][2] for i in range(len(data))])
+    data, images, gt_boxes = _tiny_synthetic()
     model = FasterRCNN(
         DetectorBackboneWithFPN(32, pretrained=False),
         tsd.FCOSProposalNetwork(32, [32], pre_nms_topk=100, post_nms_topk=30),
@@ -651,17 +660,7 @@ def fcos_first_stage_run():
     # AdamW as FCOS's own learning test: SGD at the anchor test's lr 0.01 diverges within 30
     # iterations here (the unbounded LTRB regression; mmdetection lengthens the warm-up for this).
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[120], gamma=0.1)
-    history = []
-    for _ in range(150):
-        losses = model(images, gt_boxes)
-        optimizer.zero_grad()
-        sum(v for k, v in losses.items() if k.startswith("loss")).backward()
-        optimizer.step()
-        scheduler.step()
-        history.append({name: value.item() for name, value in losses.items()})
-    ground_truths = [{"boxes": gt[gt[:, 4] >= 0, :4], "labels": gt[gt[:, 4] >= 0, 4].long()} for gt in gt_boxes]
-    return {"model": model.eval(), "images": images, "ground_truths": ground_truths, "history": history}
+    return _overfit(model, images, gt_boxes, optimizer, iterations=150, lr_step=120)
 
 
 def test_fcos_first_stage_faster_rcnn_learns_to_detect(fcos_first_stage_run):
