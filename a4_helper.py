@@ -12,8 +12,8 @@ Every data set here yields ``(image_id, image (3, S, S) float32 ImageNet-normali
 so the default ``DataLoader`` collate works (ids become a tuple of strings).
 
 Contents: data sets (``VOC2007DetectionTiny``, ``SyntheticDetection``), image helpers, drawing,
-``train_detector`` with exact resume, the mAP evaluator ``compute_map``, ``evaluate_detector`` and
-``inference_with_detector``.
+``train_detector`` with exact resume (on one process, or on several with DDP), the mAP evaluator
+``compute_map``, ``evaluate_detector`` and ``inference_with_detector``.
 """
 
 import contextlib
@@ -33,10 +33,12 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.datasets import VOCDetection
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import distributed
 from common import iou
 
 PathLike = Union[str, os.PathLike]
@@ -89,7 +91,11 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
 
 
 def denormalize_image(image: torch.Tensor) -> np.ndarray:
-    """Undo the ImageNet normalisation for display: (3, H, W) normalised -> (H, W, 3) uint8."""
+    """Undo the ImageNet normalisation for display: (3, H, W) normalised -> (H, W, 3) uint8.
+
+    A uint8 image (``PreprocessedCache``) is already in display values and only transposed."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().permute(1, 2, 0).numpy()
     image = image.detach().float().cpu()
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
@@ -431,6 +437,115 @@ class SyntheticDetection(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Preprocessed image cache
+# ---------------------------------------------------------------------------------------------
+
+_CACHE_FORMAT = 1
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``normalize_image`` rounded to bytes: (..., 3, H, W) normalised float -> uint8."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((image.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def prepare_images(images: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """A loader's batch of images on ``device`` as the detectors take them.
+
+    Float images (already normalised) are only moved; uint8 images (``PreprocessedCache``) are moved
+    as bytes, four times fewer than floats, and normalised on the device.
+    """
+    images = images.to(device, non_blocking=True)
+    return normalize_image(images) if images.dtype == torch.uint8 else images
+
+
+class PreprocessedCache(torch.utils.data.Dataset):
+    """Another data set's images, resized and cropped once and kept as uint8 tensors in one file.
+
+    Decoding and resizing JPEGs costs more CPU time per image than a GPU needs to train on it, so a
+    fast GPU waits for its loader. This cache does that work once: the first use reads every item
+    of ``source`` (with ``workers`` processes) and saves all images as one (N, 3, S, S) uint8 tensor,
+    with the ground truth, to ``path``; later uses memory-map the file. Images are rounded to whole
+    8-bit values, which is what the JPEGs held before resizing anyway.
+
+    A cache file is reused only if it was built from a source with the same length, image size,
+    classes and ``source_key``; otherwise (or if it cannot be read) it is built again.
+
+    Args:
+        source: a data set whose items are ``(image_id, image (3, S, S) normalised, gt_boxes (M, 5))``,
+            optionally followed by per-box flags (VOC's ``difficult`` with ``return_difficult=True``),
+            e.g. ``VOC2007DetectionTiny`` or ``SyntheticDetection``.
+        path: the cache file (``.pt``); its folder is created.
+        source_key: anything that tells sources apart beyond their length and size (e.g. the split
+            and data folder), stored and compared as a string.
+        workers: loader processes used to build the cache.
+    Item:
+        ``(image_id, image (3, S, S) uint8, gt_boxes (M, 5)[, flags])``; ``prepare_images`` (used by
+        ``train_detector`` and ``evaluate_detector``) normalises a batch of them on the device, and
+        ``normalize_image`` one of them.
+    """
+
+    def __init__(self, source: torch.utils.data.Dataset, path: PathLike, source_key: str = "", workers: int = 0):
+        self.path = os.fspath(path)
+        self.idx_to_class = dict(source.idx_to_class)
+        self.num_classes = len(self.idx_to_class)
+        first = source[0]
+        self.image_size = first[1].shape[-1]
+        self.meta = {
+            "format": _CACHE_FORMAT,
+            "length": len(source),
+            "image_shape": list(first[1].shape),
+            "classes": [self.idx_to_class[i] for i in range(self.num_classes)],
+            "source": f"{type(source).__name__}:{source_key}",
+        }
+        data = self._load()
+        if data is None:
+            data = self._build(source, workers)
+            _save_atomically(data, self.path)
+        self.image_ids: List[str] = data["image_ids"]
+        self.images: torch.Tensor = data["images"]  # (N, 3, S, S) uint8
+        self.extras: List[torch.Tensor] = data["extras"]  # gt_boxes (N, M, 5), then any flags
+
+    def _load(self) -> Optional[Dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return None
+        try:
+            data = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # a truncated or foreign file: build a new one
+            warnings.warn(f"Rebuilding the image cache {self.path!r}: it could not be read ({error}).", stacklevel=3)
+            return None
+        if not isinstance(data, dict) or data.get("meta") != self.meta:
+            warnings.warn(f"Rebuilding the image cache {self.path!r}: it was made from another data set.", stacklevel=3)
+            return None
+        return data
+
+    def _build(self, source: torch.utils.data.Dataset, workers: int) -> Dict[str, Any]:
+        count = len(source)
+        images = torch.empty((count, *self.meta["image_shape"]), dtype=torch.uint8)
+        image_ids: List[str] = []
+        extras: List[torch.Tensor] = []
+        loader = torch.utils.data.DataLoader(source, batch_size=32, num_workers=workers)
+        position = 0
+        for batch in tqdm(loader, desc=f"caching {os.path.basename(self.path)}", leave=False):
+            ids, batch_images, *batch_extras = batch
+            images[position : position + len(ids)] = _to_uint8(batch_images)
+            image_ids.extend(os.fspath(i) for i in ids)
+            if not extras:
+                extras = [torch.empty((count, *extra.shape[1:]), dtype=extra.dtype) for extra in batch_extras]
+            for stored, extra in zip(extras, batch_extras):
+                stored[position : position + len(ids)] = extra
+            position += len(ids)
+        return {"meta": self.meta, "image_ids": image_ids, "images": images, "extras": extras}
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        return (self.image_ids[index], self.images[index], *(extra[index] for extra in self.extras))
+
+
+# ---------------------------------------------------------------------------------------------
 # Drawing
 # ---------------------------------------------------------------------------------------------
 
@@ -550,7 +665,7 @@ def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[Pat
 
 _CHECKPOINT_FORMAT = 1
 _CHECKPOINT_KEYS = ("format", "iteration", "max_iters", "model", "optimizer", "scheduler", "scaler", "loss_history",
-                    "rng", "data")
+                    "rng", "data")  # and, when saved by several processes, "rank_states"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -593,6 +708,8 @@ class _ResumableBatches:
     torch's global RNG or from its own generator. We capture those states at the start of every
     epoch; resuming restores them, re-creates the iterator (same order) and skips the batches
     already used. Exact for data sets that are deterministic per index, like the ones here.
+    A sampler with ``set_epoch`` (``DistributedSampler``) is told the epoch before each one
+    starts; its order depends on its seed and the epoch only.
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader):
@@ -611,6 +728,9 @@ class _ResumableBatches:
             for generator, state in zip(generators, epoch_rng["generators"]):
                 generator.set_state(state)
         self._epoch_rng, self.batch = epoch_rng, 0
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
         self._iterator = iter(self.loader)
 
     def __next__(self):
@@ -712,8 +832,10 @@ def _non_finite_message(values: Mapping[str, float], iteration: int, checkpoint_
 
 
 def _loss_values(losses: Mapping[str, torch.Tensor], metrics: Mapping[str, torch.Tensor]) -> Dict[str, float]:
-    """Loss terms, their total and the detector's metrics as Python floats (one device sync per iteration)."""
-    floats = torch.stack([value.detach().float() for value in [*losses.values(), *metrics.values()]]).tolist()
+    """Loss terms, their total and the detector's metrics as Python floats, averaged over the ranks
+    under DDP, so that every rank sees the same values (one all-reduce and one device sync per iteration)."""
+    stacked = torch.stack([value.detach().float() for value in [*losses.values(), *metrics.values()]])
+    floats = distributed.mean_over_ranks(stacked).tolist()
     values = dict(zip([*losses, *metrics], floats))
     values["total"] = math.fsum(values[name] for name in losses)
     return values
@@ -741,11 +863,23 @@ def train_detector(
     early, large gradients of a fresh head from blowing up) and drops x0.1 at 60% and 90% of
     ``max_iters``. The loader is re-iterated for as many epochs as needed.
 
+    Several processes (DDP): when the default process group is initialised with more than one
+    process (``torchrun``; see ``distributed.process_group_from_environment``), every rank calls
+    this function with the same arguments and a loader over its own share of each batch
+    (``DistributedSampler``). The detector's ``nn.BatchNorm2d`` layers become
+    ``distributed.SyncBatchNorm2d`` (same state dict) and it is wrapped in
+    ``DistributedDataParallel``, which averages the ranks' gradients; a detector that is already
+    wrapped is used as it is. The logged losses are averaged over the ranks, so all ranks see the
+    same values and a non-finite loss stops all of them. Rank 0 alone shows the progress bar and
+    writes the checkpoint, whose ``"model"`` is the plain detector's state dict (no ``module.``
+    prefix), loadable by one process or by any number of them; it also holds the RNG and data states
+    of every rank (``"rank_states"``), so that a resumed run with as many processes continues exactly.
+
     Args:
         detector: a module whose train-mode call ``detector(images, gt_boxes)`` returns a dict of
             scalar losses (summed for the update). If it has a ``training_metrics`` dict of scalars
             (e.g. the first stage's classification error), those are logged in the history too,
-            never added to the loss.
+            never added to the loss. It may come wrapped in ``DistributedDataParallel``.
         train_loader: yields ``(image_ids, images (B, 3, H, W), gt_boxes (B, M, 5), ...)``.
         learning_rate, weight_decay: optimizer settings.
         max_iters: number of updates in total (a resumed run counts the ones already done).
@@ -778,8 +912,15 @@ def train_detector(
             fit ``detector`` (e.g. the other detector type); the file is left untouched.
     """
     device = torch.device(device)
-    detector.to(device).train()
-    params = [p for p in detector.parameters() if p.requires_grad]
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    # The plain detector holds the weights and metrics; ``detector`` is what the forward pass calls.
+    model = detector.module if isinstance(detector, DistributedDataParallel) else detector
+    several = distributed.world_size() > 1 and model is detector
+    if several:
+        distributed.convert_sync_batchnorm(model)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(optimizer, params, learning_rate, weight_decay)
     warmup_iters = min(100, max_iters // 10) if warmup_iters is None else warmup_iters
     lr_lambda = functools.partial(_lr_factor, max_iters=max_iters, warmup_iters=warmup_iters)
@@ -787,15 +928,18 @@ def train_detector(
     autocast_dtype = _autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     batches = _ResumableBatches(train_loader)
-    parts = {"model": detector, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "data": batches}
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "data": batches}
     start, history = 0, defaultdict(list)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history = _resume(checkpoint_path, parts, max_iters)
-    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, desc="train", disable=not progress)
+    if several:  # after the resume: every rank has loaded the same weights (DDP checks they agree)
+        detector = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    main = distributed.is_main_process()
+    bar = tqdm(range(start, max_iters), initial=start, total=max_iters, desc="train", disable=not (progress and main))
     last_saved = start if start > 0 else None
     for iteration in bar:
         losses = _forward(detector, next(batches), device, autocast_dtype)
-        values = _loss_values(losses, getattr(detector, "training_metrics", {}))
+        values = _loss_values(losses, getattr(model, "training_metrics", {}))
         if not all(math.isfinite(value) for value in values.values()):
             bar.close()
             raise NonFiniteLossError(_non_finite_message(values, iteration + 1, checkpoint_path, last_saved))
@@ -806,10 +950,12 @@ def train_detector(
         if (iteration + 1) % log_period == 0 or iteration + 1 == max_iters:
             bar.set_postfix({name: f"{np.mean(v[-log_period:]):.3f}" for name, v in history.items()}, refresh=False)
             if checkpoint_path is not None:
-                state = _checkpoint(iteration + 1, max_iters, parts, history)
-                _save_atomically({**state, "metadata": metadata}, checkpoint_path)
+                state = _checkpoint(iteration + 1, max_iters, parts, history)  # every rank takes part
+                if main:
+                    _save_atomically({**state, "metadata": metadata}, checkpoint_path)
                 last_saved = iteration + 1
     bar.close()
+    distributed.barrier()  # no rank returns before the last checkpoint is written
     return dict(history)
 
 
@@ -821,10 +967,37 @@ def _make_optimizer(name: str, params: List[nn.Parameter], learning_rate: float,
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
+def compile_detector(detector: nn.Module, **compile_options: Any) -> nn.Module:
+    """``torch.compile`` the detector's backbone and heads, in place.
+
+    The convolutional parts (``backbone``, every ``pred_net`` head, FasterRCNN's ``roi_stem``) are
+    compiled; matching, sampling and NMS, whose shapes change with the data, stay eager. The
+    modules are compiled in place (``nn.Module.compile``), so state-dict names and checkpoints do
+    not change. The first steps take longer (about a minute on a CPU) while the code is compiled.
+
+    Args:
+        detector: an ``FCOS``, ``FasterRCNN`` or ``FirstStage``.
+        compile_options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+    Returns:
+        The same detector.
+    """
+    if not hasattr(nn.Module, "compile"):
+        raise RuntimeError(f"Compiling needs torch 2.2 or newer (this is {torch.__version__}); train without it.")
+    compiled: List[str] = []
+    for name, module in detector.named_modules():
+        inside_compiled = any(name.startswith(done + ".") for done in compiled)
+        if name.split(".")[-1] in ("backbone", "pred_net", "roi_stem") and not inside_compiled:
+            module.compile(**compile_options)
+            compiled.append(name)
+    if not compiled:
+        raise ValueError(f"{type(detector).__name__} has no backbone or head to compile.")
+    return detector
+
+
 def _forward(detector: nn.Module, batch: Sequence, device: torch.device,
              autocast_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     _, images, gt_boxes = batch[:3]
-    images = images.to(device, non_blocking=True)
+    images = prepare_images(images, device)
     gt_boxes = gt_boxes.to(device, non_blocking=True)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
@@ -843,10 +1016,15 @@ def _update(total_loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def _checkpoint(iteration: int, max_iters: int, parts: Mapping[str, Any], history: Mapping[str, List[float]]) -> Dict:
+    """The training state to save. Under DDP every rank must call this (it gathers the ranks' RNG and
+    data states); "rng" and "data" are rank 0's, "rank_states" lists every rank's."""
     state = {name: part.state_dict() for name, part in parts.items()}
-    state.update(format=_CHECKPOINT_FORMAT, iteration=iteration, max_iters=max_iters, rng=_rng_states(),
-                 loss_history={name: list(values) for name, values in history.items()},
+    ranks = distributed.all_gather_objects({"rng": _rng_states(), "data": state["data"]})
+    state.update(format=_CHECKPOINT_FORMAT, iteration=iteration, max_iters=max_iters, rng=ranks[0]["rng"],
+                 data=ranks[0]["data"], loss_history={name: list(values) for name, values in history.items()},
                  model_class=type(parts["model"]).__name__, optimizer_class=type(parts["optimizer"]).__name__)
+    if len(ranks) > 1:
+        state["rank_states"] = ranks
     return state
 
 
@@ -883,10 +1061,29 @@ def _resume(path: PathLike, parts: Mapping[str, Any], max_iters: int) -> Tuple[i
             stacklevel=3,
         )
     for name, part in parts.items():
-        part.load_state_dict(checkpoint[name])
+        if name != "data":
+            part.load_state_dict(checkpoint[name])
+    own = _own_rank_state(path, checkpoint, max_iters)
+    parts["data"].load_state_dict(own["data"])
     # Last, because restoring the data position replays the start of its epoch on torch's RNG.
-    _set_rng_states(checkpoint["rng"])
+    _set_rng_states(own["rng"])
     return checkpoint["iteration"], defaultdict(list, checkpoint["loss_history"])
+
+
+def _own_rank_state(path: PathLike, checkpoint: Mapping[str, Any], max_iters: int) -> Dict[str, Any]:
+    """This rank's saved ``{"rng", "data"}``; rank 0's when the checkpoint was saved by another number of
+    processes. The data order then still goes on exactly with a ``DistributedSampler`` as in detect.py,
+    where a step takes the same global batch with any number of processes."""
+    saved = checkpoint.get("rank_states") or [{"rng": checkpoint["rng"], "data": checkpoint["data"]}]
+    if len(saved) == distributed.world_size():
+        return saved[distributed.rank()]
+    if checkpoint["iteration"] < max_iters:
+        warnings.warn(
+            f"{os.fspath(path)!r} was saved by {len(saved)} process(es) and is resumed by {distributed.world_size()}: "
+            "the data order goes on exactly, but random draws (e.g. anchor sampling) differ from an uninterrupted run.",
+            stacklevel=4,
+        )
+    return saved[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1251,12 +1448,17 @@ def _eval_mode(detector: nn.Module):
 
 
 def _predict_batches(detector: nn.Module, loader: Any, score_thresh: float, nms_thresh: float,
-                     device: torch.device, dtype: torch.dtype) -> Iterator[Tuple]:
+                     device: torch.device, dtype: torch.dtype,
+                     autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Tuple]:
     """Yield ``(image_ids, images, targets, predictions)`` per batch, everything on the CPU."""
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for batch in loader:
         image_ids, images, gt_boxes = batch[:3]
         difficult = batch[3] if len(batch) > 3 else None
-        outputs = detector.predict(images.to(device, dtype), score_thresh=score_thresh, nms_thresh=nms_thresh)
+        with autocast:
+            outputs = detector.predict(
+                prepare_images(images, device).to(dtype), score_thresh=score_thresh, nms_thresh=nms_thresh
+            )
         predictions = [{key: value.detach().cpu() for key, value in output.items()} for output in outputs]
         yield list(image_ids), images, gt_boxes_to_targets(gt_boxes, difficult), predictions
 
@@ -1270,25 +1472,33 @@ def evaluate_detector(
     method: str = "voc",
     iou_threshold: float = 0.5,
     num_classes: Optional[int] = None,
+    amp: str = "fp32",
+    keep_predictions: bool = False,
 ) -> Dict[str, Any]:
     """Run batched ``predict`` over a loader and compute the mAP.
 
     The detector is moved to ``device`` and run in eval mode under ``torch.inference_mode``;
-    its training mode is restored afterwards. A low ``score_thresh`` (0.05) keeps the
+    its training mode is restored afterwards. ``amp`` is ``train_detector``'s: "auto" runs the
+    network in bf16 (or fp16) on a GPU; boxes are always decoded in float32. A low ``score_thresh`` (0.05) keeps the
     low-confidence tail that AP rewards; loaders with a ``difficult`` fourth entry get VOC's
     difficult handling. ``num_classes`` defaults to the size of the data set's ``idx_to_class``
     (looked up through ``Subset`` wrappers).
 
     Returns:
         ``compute_map``'s dict plus ``"num_images"``, ``"seconds"`` (wall time of the whole
-        loop, data loading included) and ``"images_per_second"``.
+        loop, data loading included) and ``"images_per_second"``; with ``keep_predictions`` also
+        ``"predictions"`` and ``"ground_truths"`` (``compute_map``'s inputs, e.g. to score them again
+        with another method).
     """
     device = torch.device(device)
     detector.to(device)
     predictions, ground_truths = [], []
     start = time.perf_counter()
     with _eval_mode(detector), torch.inference_mode():
-        for _, _, targets, preds in _predict_batches(detector, loader, score_thresh, nms_thresh, device, torch.float32):
+        batches = _predict_batches(
+            detector, loader, score_thresh, nms_thresh, device, torch.float32, _autocast_dtype(amp, device)
+        )
+        for _, _, targets, preds in batches:
             predictions += preds
             ground_truths += targets
     if device.type == "cuda":
@@ -1297,6 +1507,8 @@ def evaluate_detector(
     num_classes = _num_classes(loader) if num_classes is None else num_classes
     result = compute_map(predictions, ground_truths, num_classes, method=method, iou_threshold=iou_threshold)
     result.update(num_images=len(predictions), seconds=seconds, images_per_second=len(predictions) / max(seconds, 1e-9))
+    if keep_predictions:
+        result.update(predictions=predictions, ground_truths=ground_truths)
     return result
 
 

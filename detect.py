@@ -7,6 +7,9 @@
 ``python detect.py COMMAND --help`` lists every option. Without options ``train`` runs a short FCOS
 recipe on the built-in synthetic data (no download, a few minutes on a laptop CPU); with
 ``--data voc2007`` it runs the course's full recipe (meant for a GPU).
+
+``torchrun --nproc_per_node=N detect.py train ...`` trains on N processes (one per GPU) with
+DistributedDataParallel; ``--batch-size`` stays the global batch, and rank 0 writes every file.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 import a4_helper
+import distributed
 from common import DetectorBackboneWithFPN
 from one_stage_detector import FCOS
 from two_stage_detector import RPN, FasterRCNN, FCOSProposalNetwork, FirstStage, init_from_fcos
@@ -39,7 +43,8 @@ RECIPES = {
         eval_images=128,
     ),
     # The course's standard recipe: 224 px, batch 16, FPN 128, 9000 iterations (a GPU run).
-    "voc2007": dict(image_size=224, batch_size=16, iters=9000, fpn_channels=128, optimizer="sgd", lr=8e-3),
+    # The preprocessed uint8 cache keeps a GPU fed (JPEG decoding would be the bottleneck).
+    "voc2007": dict(image_size=224, batch_size=16, iters=9000, fpn_channels=128, optimizer="sgd", lr=8e-3, cache=True),
 }
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -85,18 +90,35 @@ def build_detector(config: Dict[str, Any], pretrained=False) -> nn.Module:
 
 
 def make_dataset(
-    data: str, split: str, image_size: int, data_dir: str, num_images: Optional[int], download=False, training=False
+    data: str,
+    split: str,
+    image_size: int,
+    data_dir: str,
+    num_images: Optional[int],
+    download=False,
+    training=False,
+    cache=False,
+    workers: int = 0,
 ):
     """The synthetic set (``num_images`` of them) or VOC 2007 (all images of ``split``).
 
     For training, VOC images that cannot be read are skipped with a warning, so that one bad file does
     not end a run hours in; evaluation stays strict, since a replacement would count an image twice.
+    With ``cache``, the images come from a ``a4_helper.PreprocessedCache`` in ``data_dir/cache``
+    (built on first use), so that a GPU does not wait for JPEG decoding.
     """
     if data == "synthetic":
-        return a4_helper.SyntheticDetection(split, num_images=num_images, image_size=image_size)
-    return a4_helper.VOC2007DetectionTiny(
-        data_dir, split=split, download=download, image_size=image_size, skip_bad_images=training
-    )
+        dataset = a4_helper.SyntheticDetection(split, num_images=num_images, image_size=image_size)
+        key = f"synthetic seed {dataset.seed}"
+    else:
+        dataset = a4_helper.VOC2007DetectionTiny(
+            data_dir, split=split, download=download, image_size=image_size, skip_bad_images=training
+        )
+        key = f"VOC2007 {os.path.abspath(data_dir)}"
+    if not cache:
+        return dataset
+    path = os.path.join(data_dir, "cache", f"{data}_{split}_{image_size}px_{len(dataset)}.pt")
+    return a4_helper.PreprocessedCache(dataset, path, source_key=f"{key} {split}", workers=workers)
 
 
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0):
@@ -111,18 +133,54 @@ def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0
     )
 
 
+def _train_loader(dataset, batch_size: int, workers: int, seed: int):
+    """This process's share of shuffled global batches of ``batch_size`` images.
+
+    ``DistributedSampler`` draws each epoch's permutation from ``(seed, epoch)`` alone and deals it to
+    the ranks in turn, so at every step the ranks' batches together hold exactly the images of the
+    global batch that one process would train on; with one process it is a plain shuffle. The
+    incomplete last batch of an epoch is dropped.
+    """
+    world_size, rank = distributed.world_size(), distributed.rank()
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size // world_size,
+        sampler=sampler,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed + rank),  # the workers' seeds
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+    )
+
+
 def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
     """mAP on the held-out split; writes metrics.json and a picture of predictions into out_dir."""
     dataset = make_dataset(
-        config["data"], args.eval_split, config["image_size"], args.data_dir, config.get("eval_images"), args.download
+        config["data"],
+        args.eval_split,
+        config["image_size"],
+        args.data_dir,
+        config.get("eval_images"),
+        args.download,
+        cache=_use_cache(args, config),
+        workers=args.workers,
     )
     loader = _loader(dataset, config["batch_size"], shuffle=False, workers=args.workers)
     device = _resolve_device(args.device)
     result = a4_helper.evaluate_detector(
-        detector, loader, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device
-    )
-    coco = a4_helper.evaluate_detector(
-        detector, loader, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device, method="coco"
+        detector,
+        loader,
+        score_thresh=args.score_thresh,
+        nms_thresh=args.nms_thresh,
+        device=device,
+        amp="auto",
+        keep_predictions=True,
+    )  # COCO's mAP from the same predictions:
+    coco = a4_helper.compute_map(
+        result.pop("predictions"), result.pop("ground_truths"), len(dataset.idx_to_class), method="coco"
     )
     names = dataset.idx_to_class
     metrics = {
@@ -150,7 +208,9 @@ def _save_prediction_picture(detector, dataset, device, args, path: str, count: 
     images = torch.stack([dataset[i][1] for i in range(min(count, len(dataset)))])
     detector.eval()
     with torch.inference_mode():
-        predictions = detector.predict(images.to(device), score_thresh=0.2, nms_thresh=args.nms_thresh)
+        predictions = detector.predict(
+            a4_helper.prepare_images(images, device), score_thresh=0.2, nms_thresh=args.nms_thresh
+        )
     predictions = [{key: value[:8] for key, value in p.items()} for p in predictions]  # the 8 most confident
     figure, axes = plt.subplots(2, (len(images) + 1) // 2, figsize=(4 * ((len(images) + 1) // 2), 8), squeeze=False)
     for ax, index, prediction in zip(axes.flat, range(len(images)), predictions):
@@ -160,6 +220,10 @@ def _save_prediction_picture(detector, dataset, device, args, path: str, count: 
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
+
+
+def _use_cache(args, config: Dict[str, Any]) -> bool:
+    return RECIPES[config["data"]].get("cache", False) if getattr(args, "cache", None) is None else args.cache
 
 
 def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
@@ -173,10 +237,21 @@ def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
             f"{checkpoint_path} holds a run with other settings ({', '.join(changed)} differ), so it cannot "
             "be resumed. Pass another --out, or delete that file to start over."
         )
-    print(f"Resuming from {checkpoint_path}.")
+    if distributed.is_main_process():
+        print(f"Resuming from {checkpoint_path}.")
 
 
 def cmd_train(args) -> Dict[str, Any]:
+    """Train, then evaluate. Under ``torchrun`` every process runs this (see ``_train``); the process
+    group is destroyed at the end, also on an error."""
+    with distributed.process_group_from_environment(_resolve_device(args.device)) as device:
+        return _train(args, device)
+
+
+def _train(args, device: torch.device) -> Dict[str, Any]:
+    """One process's training run. With several processes, each trains on ``batch_size / N`` images
+    of every global batch; rank 0 alone then plots, evaluates and writes ``metrics.json``, while the
+    other ranks return ``{"final_loss", "train_seconds"}``."""
     recipe = RECIPES[args.data]
     config = {
         "model": args.model,
@@ -196,20 +271,40 @@ def cmd_train(args) -> Dict[str, Any]:
         raise SystemExit("--first-stage and --init-from apply to --model faster_rcnn only.")
     if args.init_from:
         config["init_from"] = args.init_from
+    world_size, main = distributed.world_size(), distributed.is_main_process()
+    if config["batch_size"] % world_size:
+        raise SystemExit(
+            f"--batch-size {config['batch_size']} is the global batch of all {world_size} processes, so it must "
+            f"be divisible by {world_size}; pass a multiple of {world_size}."
+        )
     os.makedirs(args.out, exist_ok=True)
     a4_helper.reset_seed(args.seed)
-    train_set = make_dataset(
-        args.data, args.train_split, config["image_size"], args.data_dir, config["train_images"], args.download, True
-    )
+    with distributed.rank_zero_first():  # rank 0 downloads what is missing, the other ranks then read it
+        train_set = make_dataset(
+            args.data,
+            args.train_split,
+            config["image_size"],
+            args.data_dir,
+            config["train_images"],
+            args.download,
+            training=True,
+            cache=_use_cache(args, config),
+            workers=args.workers,
+        )
+        pretrained = _resolve_weights(args.weights)
     config["num_classes"] = len(train_set.idx_to_class)
     config["idx_to_class"] = train_set.idx_to_class
     checkpoint_path = os.path.join(args.out, CHECKPOINT_NAME)
     _check_resumable(checkpoint_path, config)
-    detector = build_detector(config, pretrained=_resolve_weights(args.weights))
+    detector = build_detector(config, pretrained=pretrained)
     if args.init_from:  # a resumed run then loads its own checkpoint over these weights
         copied = init_from_fcos(detector, a4_helper.read_checkpoint(args.init_from)["model"])
-        print(f"Initialised {len(copied)} tensors (backbone and first stage) from {args.init_from}.")
-    loader = _loader(train_set, config["batch_size"], shuffle=True, workers=args.workers, seed=args.seed)
+        if main:
+            print(f"Initialised {len(copied)} tensors (backbone and first stage) from {args.init_from}.")
+    if args.compile:
+        a4_helper.compile_detector(detector)
+    a4_helper.reset_seed(args.seed + distributed.rank())  # each rank its own random draws (e.g. anchor sampling)
+    loader = _train_loader(train_set, config["batch_size"], workers=args.workers, seed=args.seed)
     start = time.perf_counter()
     history = a4_helper.train_detector(
         detector,
@@ -217,13 +312,15 @@ def cmd_train(args) -> Dict[str, Any]:
         learning_rate=config["lr"],
         max_iters=config["iters"],
         log_period=args.log_period,
-        device=_resolve_device(args.device),
+        device=device,
         checkpoint_path=checkpoint_path,
         grad_clip=args.grad_clip,
         metadata={"config": config},
         optimizer=config["optimizer"],
     )
     train_seconds = time.perf_counter() - start
+    if not main:
+        return {"final_loss": history["total"][-1], "train_seconds": train_seconds}
     a4_helper.plot_loss_history(history, os.path.join(args.out, "losses.png"))
     metrics = _evaluate(detector, config, args, args.out)
     metrics["train_seconds"] = train_seconds
@@ -318,6 +415,11 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-split", default="val", help="held-out split to evaluate on (default: val)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    parser.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        help="read images from a uint8 cache in DATA_DIR/cache, built on first use (default: on for voc2007)",
+    )
     parser.add_argument("--score-thresh", type=float, default=0.05, help="score threshold for detections")
     parser.add_argument("--nms-thresh", type=float, default=0.5, help="IoU threshold of class-specific NMS")
 
@@ -331,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", choices=sorted(RECIPES), default="synthetic", help="data set (default: synthetic)")
     train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     train.add_argument("--iters", type=int, help="training iterations (recipe default)")
-    train.add_argument("--batch-size", type=int, help="images per batch (recipe default)")
+    train.add_argument(
+        "--batch-size", type=int, help="images per batch, over all processes under torchrun (recipe default)"
+    )
     train.add_argument("--image-size", type=int, help="side of the square input images (recipe default)")
     train.add_argument("--fpn-channels", type=int, help="FPN channels (recipe default)")
     train.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer (recipe default)")
@@ -351,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     train.add_argument("--log-period", type=int, default=20, help="iterations between logs and checkpoints")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the backbone and heads (slow start, faster steps)"
+    )
     _add_common_options(train)
     train.set_defaults(func=cmd_train)
 

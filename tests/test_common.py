@@ -8,9 +8,11 @@ from torch.testing import assert_close
 import common
 from common import (
     DetectorBackboneWithFPN,
+    batched_class_nms,
     cat_across_fpn_levels,
     class_spec_nms,
     clip_boxes_to_image,
+    fpn_locations_of,
     get_fpn_location_coords,
     iou,
     nms,
@@ -159,6 +161,42 @@ def test_class_spec_nms_equals_torchvision_batched_nms():
     class_ids = torch.randint(0, 20, (2000,), generator=torch.Generator().manual_seed(3))
     expected = torchvision.ops.batched_nms(boxes, scores, class_ids, 0.5)
     assert torch.equal(class_spec_nms(boxes, scores, class_ids, 0.5), expected)
+
+
+@pytest.mark.parametrize("limit", [5, 100])
+def test_batched_class_nms_equals_class_spec_nms_image_by_image(limit):
+    boxes, scores = _random_nms_boxes(seed=4, count=3000)
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 20, (3000,), generator=generator)
+    image_ids = torch.randint(0, 3, (3000,), generator=generator)  # image 3 of 4 has no boxes
+    parts = batched_class_nms(boxes, scores, labels, image_ids, 4, 20, 0.5, limit)
+    assert len(parts) == 4 and parts[3].numel() == 0
+    for image in range(3):
+        own = (image_ids == image).nonzero().squeeze(1)
+        expected = own[class_spec_nms(boxes[own], scores[own], labels[own], 0.5)][:limit]
+        assert torch.equal(parts[image], expected)
+    empty = batched_class_nms(
+        torch.zeros(0, 4),
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        2,
+        20,
+        0.5,
+        limit,
+    )
+    assert [part.numel() for part in empty] == [0, 0]
+
+
+def test_fpn_locations_of_are_computed_once_per_size():
+    strides = {"p3": 8, "p4": 16}
+    feats = {"p3": torch.zeros(2, 4, 6, 5), "p4": torch.zeros(2, 4, 3, 3)}
+    first = fpn_locations_of(feats, strides, torch.float32)
+    expected = get_fpn_location_coords(feats, strides)
+    assert all(torch.equal(first[level], expected[level]) for level in strides)
+    assert fpn_locations_of(feats, strides, torch.float32)["p3"] is first["p3"]  # reused, not rebuilt
+    other = fpn_locations_of({"p3": torch.zeros(1, 4, 4, 4), "p4": torch.zeros(1, 4, 2, 2)}, strides, torch.float32)
+    assert other["p3"].shape == (16, 2)
 
 
 def test_cat_across_fpn_levels_keeps_level_order():

@@ -17,7 +17,9 @@ from one_stage_detector import (
     fcos_apply_deltas_to_locations,
     fcos_get_deltas_from_locations,
     fcos_giou_loss,
+    fcos_losses,
     fcos_make_centerness_targets,
+    fcos_make_targets,
     fcos_match_locations_to_gt,
 )
 
@@ -201,6 +203,38 @@ def test_losses_finite_with_and_without_boxes(small_fcos, box_loss):
     sum(no_boxes.values()).backward()  # gradients flow even with no foreground
     small_fcos.zero_grad()
     small_fcos.box_loss = "l1"
+
+
+@pytest.mark.parametrize("box_loss", ["l1", "giou"])
+def test_losses_equal_the_terms_of_the_foreground_locations_alone(box_loss):
+    """The dense, masked loss equals the textbook version that first gathers the foreground."""
+    locations = get_fpn_location_coords({"p3": (8, 8), "p4": (4, 4), "p5": (2, 2)}, STRIDES)
+    gt = torch.stack([_padded([[4, 6, 40, 50, 1], [20, 2, 60, 30, 0]]), _padded([[10, 10, 60, 62, 2]])])
+    matched, targets = fcos_make_targets(locations, STRIDES, gt)
+    generator = torch.Generator().manual_seed(0)
+    cls_logits, box_deltas, ctr_logits = (
+        torch.randn(2, 84, n, generator=generator).squeeze(-1).requires_grad_() for n in (3, 4, 1)
+    )
+    losses = fcos_losses(matched, targets, cls_logits, box_deltas, ctr_logits, box_loss=box_loss)
+    fg = matched[..., 4] >= 0
+    num_fg = fg.sum()
+    assert num_fg > 10
+    box_terms = (
+        fcos_giou_loss(box_deltas[fg], targets[fg])
+        if box_loss == "giou"
+        else 0.25 * (box_deltas[fg] - targets[fg]).abs().sum(dim=1)
+    )
+    expected_box = box_terms.sum() / num_fg
+    ctr = torch.nn.functional.binary_cross_entropy_with_logits(
+        ctr_logits[fg], fcos_make_centerness_targets(targets[fg]), reduction="sum"
+    )
+    assert_close(losses["loss_box"], expected_box)
+    assert_close(losses["loss_ctr"], ctr / num_fg)
+    grads = torch.autograd.grad(losses["loss_box"] + losses["loss_ctr"], (box_deltas, ctr_logits))
+    expected_grads = torch.autograd.grad(expected_box + ctr / num_fg, (box_deltas, ctr_logits))
+    for grad, expected in zip(grads, expected_grads):
+        assert_close(grad, expected)
+    assert grads[0][~fg].abs().max() == 0  # background locations get no box gradient
 
 
 @pytest.mark.parametrize("label", [5.0, 7.0, -2.0, -1.0, 1.5])
