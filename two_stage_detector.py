@@ -701,7 +701,7 @@ def _roi_align_taps(
     y_rows = image_first[:, None, None] + y_index * width[:, None, None]  # (R, h, 2s)
     rows = y_rows[:, :, None, :, None] + x_index[:, None, :, None, :]  # (R, h, w, 2s, 2s)
     weight = y_weight[:, :, None, :, None] * x_weight[:, None, :, None, :] / sampling_ratio**2
-    return rows.flatten(3).flatten(0, 2), weight.flatten(3).flatten(0, 2)  # (R, h, w, 2s, 2s) -> (R h w, T)
+    return rows.flatten(3).flatten(0, 2), weight.flatten(3).flatten(0, 2)  # (R, h, w, 2s, 2s) -> (Rhw, T)
 
 
 def _gather_weighted(table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -906,7 +906,7 @@ class FasterRCNN(nn.Module):
         rows, weight = _roi_align_taps(
             rois, scales[levels], map_hw[levels], first_rows[levels], self.roi_size, self.roi_sampling_ratio, True
         )
-        roi_feats = _gather_weighted(torch.cat(tables), rows, weight)  # (R h w, C)
+        roi_feats = _gather_weighted(torch.cat(tables), rows, weight)  # (Rhw, C)
         return roi_feats.view(rois.shape[0], *self.roi_size, -1).permute(0, 3, 1, 2)
 
     def _head(self, roi_feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
