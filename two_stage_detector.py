@@ -897,14 +897,18 @@ class FasterRCNN(nn.Module):
         levels = rcnn_assign_rois_to_fpn_levels(rois[:, 1:], strides, self.roi_canonical_level)  # (R,)
         # All levels in one table of pixel rows, so that one weighted gather serves every RoI.
         feats = [feats_per_fpn_level[level] for level in strides]
-        tables = [
-            level_feats.permute(0, 2, 3, 1).flatten(0, 2) for level_feats in feats
-        ]  # (B, C, Hl, Wl) -> (BHlWl, C)
+        tables = [level_feats.permute(0, 2, 3, 1).flatten(0, 2) for level_feats in feats]  # (BHlWl, C) each
         first_rows = torch.tensor([0] + [len(table) for table in tables[:-1]], device=rois.device).cumsum(0)
         map_hw = torch.tensor([level_feats.shape[-2:] for level_feats in feats], device=rois.device)
         scales = torch.tensor([1.0 / stride for stride in strides.values()], device=rois.device, dtype=rois.dtype)
         rows, weight = _roi_align_taps(
-            rois, scales[levels], map_hw[levels], first_rows[levels], self.roi_size, self.roi_sampling_ratio, True
+            rois,
+            scales[levels],
+            map_hw[levels],
+            first_rows[levels],
+            self.roi_size,
+            self.roi_sampling_ratio,
+            aligned=True,  # pixel centres at +0.5, as our boxes (Mask R-CNN's misalignment fix)
         )
         roi_feats = _gather_weighted(torch.cat(tables), rows, weight)  # (Rhw, C)
         return roi_feats.view(rois.shape[0], *self.roi_size, -1).permute(0, 3, 1, 2)
