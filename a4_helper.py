@@ -17,6 +17,7 @@ Contents: data sets (``VOC2007DetectionTiny``, ``SyntheticDetection``), image he
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -39,7 +40,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import distributed
-from common import iou
+from common import NMS_THRESH, SCORE_THRESH, iou
 
 PathLike = Union[str, os.PathLike]
 
@@ -302,9 +303,6 @@ _SYNTHETIC_COLOURS = torch.tensor(
      [0.95, 0.85, 0.10], [0.85, 0.15, 0.85], [0.10, 0.85, 0.90]]
 )
 _SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2}
-_MIN_OBJECT_SIDE = 10.0  # pixels; the p3 stride is 8, so every object covers a location
-_MAX_OBJECT_FRACTION = 0.75  # of the image side; big objects give the p5 level work
-_MAX_OBJECTS = 8
 _MIN_VISIBLE_FRACTION = 0.5  # an object hidden more than this by later ones is not labelled
 
 
@@ -337,12 +335,12 @@ def _textured_background(S: int, generator: torch.Generator) -> torch.Tensor:
     return base[:, None, None] + smooth + stripes
 
 
-def _sample_objects(S: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Classes, centres and sizes of 1-8 objects, largest first (small ones end up on top)."""
+def _sample_objects(S: int, generator: torch.Generator, scene: "SceneOptions") -> Dict[str, torch.Tensor]:
+    """Classes, centres and sizes of the objects, largest first (small ones end up on top)."""
     rand = functools.partial(torch.rand, generator=generator)
-    n = int(torch.randint(1, _MAX_OBJECTS + 1, (1,), generator=generator))
+    n = int(torch.randint(1, scene.max_objects + 1, (1,), generator=generator))
     labels = torch.randint(0, len(SYNTHETIC_CLASSES), (n,), generator=generator)
-    min_side, max_side = _MIN_OBJECT_SIDE, _MAX_OBJECT_FRACTION * S
+    min_side, max_side = scene.min_object_side, scene.max_object_fraction * S
     # Log-uniform sides spread the objects over all three FPN levels.
     sides = torch.exp(math.log(min_side) + rand(n) * math.log(max_side / min_side))
     aspect = torch.exp(0.6 * (rand(n) - 0.5))
@@ -354,16 +352,37 @@ def _sample_objects(S: int, generator: torch.Generator) -> Dict[str, torch.Tenso
             "colours": colours[order], "shade_angle": 2 * math.pi * rand(n)}
 
 
-def _draw_scene(S: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw one synthetic image.
+def _draw_strokes(image: torch.Tensor, count: int, generator: torch.Generator) -> None:
+    """Paint ``count`` straight strokes, 1-3 px wide, in class colours or grey, onto ``image`` (3, S, S)."""
+    S = image.shape[-1]
+    rand = functools.partial(torch.rand, generator=generator)
+    ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    for _ in range(count):
+        start, end = rand(2) * S, rand(2) * S
+        width = 1 + 2 * rand(1)
+        colour = _SYNTHETIC_COLOURS[int(torch.randint(0, len(SYNTHETIC_CLASSES), (1,), generator=generator))]
+        colour = torch.where(rand(1) < 0.5, colour, rand(1).expand(3))
+        direction = (end - start) / (end - start).norm().clamp(min=1e-6)
+        along = ((xs - start[0]) * direction[0] + (ys - start[1]) * direction[1]).clamp(0, (end - start).norm())
+        distance = torch.hypot(xs - start[0] - along * direction[0], ys - start[1] - along * direction[1])
+        image[:] = torch.where(distance <= width / 2, colour[:, None, None], image)
+
+
+def _draw_scene(
+    S: int, generator: torch.Generator, scene: Optional["SceneOptions"] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one synthetic image (``scene``: ``SceneOptions()`` by default).
 
     Returns:
         image (3, S, S) in [0, 1]; gt_boxes (N, 5) tight around each labelled object's visible
         pixels (continuous: pixel column j spans [j, j + 1]); owner (S, S) long, the index into
         the drawn objects of the object each pixel shows, -1 for background.
     """
+    scene = scene or SceneOptions()
     image = _textured_background(S, generator)
-    objects = _sample_objects(S, generator)
+    if scene.max_strokes > 0:  # no draws otherwise, so that the default scenes stay what they were
+        _draw_strokes(image, int(torch.randint(0, scene.max_strokes + 1, (1,), generator=generator)), generator)
+    objects = _sample_objects(S, generator, scene)
     ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
     owner = torch.full((S, S), -1, dtype=torch.long)
     drawn_pixels = []
@@ -389,6 +408,29 @@ def _draw_scene(S: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch
     return image, gt_boxes, owner
 
 
+@dataclasses.dataclass(frozen=True)
+class SceneOptions:
+    """What a synthetic scene may hold; the defaults are ``SyntheticDetection``'s standard scenes.
+
+    Attributes:
+        min_object_side: pixels; 10 by default, so that every object covers a p3 location (stride 8).
+        max_object_fraction: largest object side as a fraction of the image side; big objects
+            give the p5 level work.
+        max_objects: objects per image are drawn uniformly from 1..max_objects.
+        max_strokes: unlabelled straight strokes (clutter) per image, 0..max_strokes, painted under
+            the objects in class colours or grey.
+    """
+
+    min_object_side: float = 10.0
+    max_object_fraction: float = 0.75
+    max_objects: int = 8
+    max_strokes: int = 0
+
+
+# A harder scene for accuracy benchmarks: more and smaller objects, so more overlaps, and clutter.
+CROWDED_SCENE = SceneOptions(min_object_side=8.0, max_object_fraction=0.5, max_objects=12, max_strokes=6)
+
+
 class SyntheticDetection(torch.utils.data.Dataset):
     """Coloured shapes on textured backgrounds: a detection set that needs no download.
 
@@ -405,18 +447,27 @@ class SyntheticDetection(torch.utils.data.Dataset):
         num_images: length of the set.
         image_size: side S of the square images (64..512 tested).
         seed: a non-negative int; different seeds give different sets.
+        scene: a ``SceneOptions`` (e.g. ``CROWDED_SCENE``); ``None`` for the standard scenes.
     Item:
         ``(image_id, image (3, S, S) float32 ImageNet-normalised, gt_boxes (40, 5))`` with ids
         like ``"synthetic_train_000012"``.
     """
 
-    def __init__(self, split: str = "train", num_images: int = 256, image_size: int = 224, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int = 256,
+        image_size: int = 224,
+        seed: int = 0,
+        scene: Optional[SceneOptions] = None,
+    ):
         if split not in _SYNTHETIC_SPLITS:
             raise ValueError(f"split must be one of {tuple(_SYNTHETIC_SPLITS)}, got {split!r}")
         self.split = split
         self.num_images = num_images
         self.image_size = image_size
         self.seed = seed
+        self.scene = scene or SceneOptions()
         self.num_classes = len(SYNTHETIC_CLASSES)
         self.idx_to_class = dict(enumerate(SYNTHETIC_CLASSES))
         self.class_to_idx = {name: idx for idx, name in self.idx_to_class.items()}
@@ -432,7 +483,7 @@ class SyntheticDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
-        image, gt_boxes, _ = _draw_scene(self.image_size, self.image_generator(index))
+        image, gt_boxes, _ = _draw_scene(self.image_size, self.image_generator(index), self.scene)
         return f"synthetic_{self.split}_{index:06d}", normalize_image(image), _pad_rows(gt_boxes)
 
 
@@ -470,7 +521,8 @@ class PreprocessedCache(torch.utils.data.Dataset):
     8-bit values, which is what the JPEGs held before resizing anyway.
 
     A cache file is reused only if it was built from a source with the same length, image size,
-    classes and ``source_key``; otherwise (or if it cannot be read) it is built again.
+    classes, number of item entries (so a cache without ``difficult`` flags never serves a source
+    with them) and ``source_key``; otherwise (or if it cannot be read) it is built again.
 
     Args:
         source: a data set whose items are ``(image_id, image (3, S, S) normalised, gt_boxes (M, 5))``,
@@ -496,6 +548,7 @@ class PreprocessedCache(torch.utils.data.Dataset):
             "format": _CACHE_FORMAT,
             "length": len(source),
             "image_shape": list(first[1].shape),
+            "item_entries": len(first),
             "classes": [self.idx_to_class[i] for i in range(self.num_classes)],
             "source": f"{type(source).__name__}:{source_key}",
         }
@@ -666,6 +719,9 @@ def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[Pat
 _CHECKPOINT_FORMAT = 1
 _CHECKPOINT_KEYS = ("format", "iteration", "max_iters", "model", "optimizer", "scheduler", "scaler", "loss_history",
                     "rng", "data")  # and, when saved by several processes, "rank_states"
+
+
+GRAD_CLIP = 10.0  # train_detector's default bound on the global gradient norm (see its docstring)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -851,7 +907,7 @@ def train_detector(
     device: Union[str, torch.device] = "cpu",
     checkpoint_path: Optional[PathLike] = None,
     warmup_iters: Optional[int] = None,
-    grad_clip: Optional[float] = None,
+    grad_clip: Optional[float] = GRAD_CLIP,
     amp: str = "auto",
     progress: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
@@ -894,7 +950,11 @@ def train_detector(
             ``"metadata"``. If it exists when training starts, training resumes from it and ends
             exactly as an uninterrupted run would.
         warmup_iters: length of the linear warm-up; ``None`` = ``min(100, max_iters // 10)``.
-        grad_clip: clip the global gradient norm to this value; ``None`` does not clip.
+        grad_clip: clip the global gradient norm to this value (``GRAD_CLIP``, 10, by default); ``None``
+            does not clip. A randomly initialised backbone receives gradients with norms in the
+            hundreds in its first steps once a head passes them on undamped (an untrained Faster
+            R-CNN with a He-initialised RoI head: about 230), and a single SGD step at lr 0.01 then
+            wrecks its first layers; clipping shortens such steps and leaves their direction.
         amp: "auto" = bf16 autocast on CUDA where supported, else fp16 with a gradient scaler,
             and fp32 on CPU; or force "bf16", "fp16" or "fp32".
         progress: show a tqdm progress bar with the current losses.
@@ -1447,6 +1507,24 @@ def _eval_mode(detector: nn.Module):
         detector.train(was_training)
 
 
+@contextlib.contextmanager
+def _cast(detector: nn.Module, dtype: torch.dtype):
+    """Cast the detector's floating-point weights and buffers to ``dtype``, then give each its own dtype back."""
+
+    def named_tensors():  # looked up again afterwards, since ``to`` replaces buffers with new tensors
+        return [*detector.named_parameters(), *detector.named_buffers()]
+
+    dtypes = {name: tensor.dtype for name, tensor in named_tensors()}
+    detector.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        for name, tensor in named_tensors():
+            tensor.data = tensor.data.to(dtypes[name])
+            if tensor.grad is not None:  # ``to`` cast it too; training on would otherwise fail
+                tensor.grad = tensor.grad.to(dtypes[name])
+
+
 def _predict_batches(detector: nn.Module, loader: Any, score_thresh: float, nms_thresh: float,
                      device: torch.device, dtype: torch.dtype,
                      autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Tuple]:
@@ -1466,8 +1544,8 @@ def _predict_batches(detector: nn.Module, loader: Any, score_thresh: float, nms_
 def evaluate_detector(
     detector: nn.Module,
     loader: Any,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
+    score_thresh: float = SCORE_THRESH,
+    nms_thresh: float = NMS_THRESH,
     device: Union[str, torch.device] = "cpu",
     method: str = "voc",
     iou_threshold: float = 0.5,
@@ -1558,7 +1636,8 @@ def inference_with_detector(
 ) -> List[Dict[str, Any]]:
     """Predict on every image of a loader, then draw the results or write them for mAP tools.
 
-    The detector is moved to ``device`` and ``dtype`` and run in eval mode (its mode is restored).
+    The detector runs in ``dtype`` and eval mode; afterwards, also after an error, it has its own
+    dtypes and mode back. Like ``evaluate_detector``, it is moved to ``device`` and stays there.
 
     Args:
         output_dir: ``None``: draw each image with its ground truth and predictions (shown when
@@ -1570,12 +1649,13 @@ def inference_with_detector(
         One dict per image: ``{"image_id", "boxes", "labels", "scores"}`` (CPU tensors).
     """
     device = torch.device(device)
-    detector.to(device=device, dtype=dtype)
+    detector.to(device)
     if output_dir is not None:
         for folder in ("ground-truth", "detection-results"):
             os.makedirs(os.path.join(output_dir, folder), exist_ok=True)
     results = []
-    with _eval_mode(detector), torch.inference_mode():
+    # _cast outermost: casting back inside inference_mode would leave inference tensors as weights.
+    with _cast(detector, dtype), _eval_mode(detector), torch.inference_mode():
         batches = _predict_batches(detector, test_loader, score_thresh, nms_thresh, device, dtype)
         for image_ids, images, targets, preds in batches:
             for image_id, image, target, pred in zip(image_ids, images, targets, preds):

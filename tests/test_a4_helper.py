@@ -179,6 +179,16 @@ def test_voc_return_difficult_keeps_difficult_objects_flagged(voc_dir):
     assert (gt_boxes[3:] == -1).all()
 
 
+def test_image_cache_without_difficult_flags_is_rebuilt_for_a_source_with_them(voc_dir, tmp_path):
+    path = tmp_path / "train.pt"
+    a4_helper.PreprocessedCache(VOC2007DetectionTiny(voc_dir, "train", image_size=64), path, source_key="train")
+    flagged = VOC2007DetectionTiny(voc_dir, "train", image_size=64, return_difficult=True)
+    with pytest.warns(UserWarning, match="another data set"):  # same source_key, but items with flags
+        cache = a4_helper.PreprocessedCache(flagged, path, source_key="train")
+    _, _, gt_boxes, difficult = cache[0]
+    assert torch.equal(gt_boxes, flagged[0][2]) and torch.equal(difficult, flagged[0][3]) and difficult.any()
+
+
 def test_voc_batches_with_the_default_collate(voc_dir):
     paths, images, gt_boxes = next(iter(DataLoader(VOC2007DetectionTiny(voc_dir, "trainval", image_size=96), 2)))
     assert len(paths) == 2 and all(isinstance(p, str) for p in paths)
@@ -760,6 +770,39 @@ def test_inference_without_output_dir_draws_each_image():
     results = inference_with_detector(detector, DataLoader(dataset, batch_size=3), dataset.idx_to_class, 0.05, 0.5)
     assert len(results) == 3 and math.isclose(results[2]["scores"].item(), 0.8, rel_tol=1e-6)
     assert len(pyplot.get_fignums()) == before  # headless: every figure is drawn and released
+
+
+class _ScaleDetector(nn.Module):
+    """Scales a fixed box by its weight; records the dtypes of the images, the weight and the buffer it ran with."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("offset", torch.zeros(()))
+        self.fail, self.dtypes = fail, []
+
+    def predict(self, images, score_thresh=0.05, nms_thresh=0.5):
+        self.dtypes.append((images.dtype, self.scale.dtype, self.offset.dtype))
+        if self.fail:
+            raise RuntimeError("predict failed")
+        box = torch.tensor([2.0, 3.0, 20.0, 30.0], dtype=images.dtype) * self.scale + self.offset
+        return [{"boxes": box[None], "labels": torch.tensor([0]), "scores": self.scale[None]} for _ in images]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_inference_in_float64_gives_the_detector_back_in_float32(tmp_path, fail):
+    dataset, _ = _lookup_case()
+    detector = _ScaleDetector(fail)
+    detector.scale.grad = torch.ones(())  # left over from training
+    loader = DataLoader(dataset, batch_size=3)
+    with pytest.raises(RuntimeError, match="predict failed") if fail else contextlib.nullcontext():
+        results = inference_with_detector(detector, loader, dataset.idx_to_class, 0.05, 0.5, output_dir=tmp_path,
+                                          dtype=torch.float64)
+        assert [r["boxes"].dtype for r in results] == [torch.float64] * 3
+    assert detector.dtypes == [(torch.float64, torch.float64, torch.float64)]  # computed in float64
+    # Its own dtypes back, also after an error:
+    assert detector.scale.dtype == detector.offset.dtype == detector.scale.grad.dtype == torch.float32
+    assert isinstance(detector.scale, nn.Parameter) and detector.scale.requires_grad
 
 
 def test_adamw_option_trains_and_resumes_with_its_own_state(tmp_path):
