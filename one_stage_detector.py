@@ -13,6 +13,9 @@ from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from common import (
+    FPN_STRIDES,
+    NMS_THRESH,
+    SCORE_THRESH,
     DetectorBackboneWithFPN,
     TensorDict,
     batched_class_nms,
@@ -44,12 +47,31 @@ class FCOSPredictionNetwork(nn.Module):
         num_classes: K, without background.
         in_channels: FPN channels C.
         stem_channels: channels of each 3x3 conv of the two stems, e.g. ``[64, 64]``.
+        group_norm: GroupNorm after each stem conv (FCOS journal version, Tian et al. TPAMI 2022,
+            4.1; see ``common.conv_stem``). Off in the course's head.
+        learnable_scales: multiply each level's box deltas by a trainable scalar, initially 1
+            (FCOS 3.2, last paragraph): the head is shared by all levels, and the scalar lets each
+            level choose its own output range. Off in the course's head.
+        nonnegative_deltas: pass the box deltas through a ReLU, as the FCOS authors' code does with
+            stride-normalised targets (and torchvision): distances to the sides are never negative,
+            so every predicted box contains its location, in training as at test time. Off in the
+            course's head, whose L1 loss would get no gradient from a negative output.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, stem_channels: Sequence[int]):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        stem_channels: Sequence[int],
+        group_norm: bool = False,
+        learnable_scales: bool = False,
+        nonnegative_deltas: bool = False,
+    ):
         super().__init__()
-        self.stem_cls, stem_out = conv_stem(in_channels, stem_channels)
-        self.stem_box, _ = conv_stem(in_channels, stem_channels)
+        self.nonnegative_deltas = nonnegative_deltas
+        self.stem_cls, stem_out = conv_stem(in_channels, stem_channels, group_norm)
+        self.stem_box, _ = conv_stem(in_channels, stem_channels, group_norm)
+        self.scales = nn.Parameter(torch.ones(len(FPN_STRIDES))) if learnable_scales else None
         self.pred_cls = nn.Conv2d(stem_out, num_classes, 3, padding=1)
         self.pred_box = nn.Conv2d(stem_out, 4, 3, padding=1)
         self.pred_ctr = nn.Conv2d(stem_out, 1, 3, padding=1)
@@ -67,10 +89,15 @@ class FCOSPredictionNetwork(nn.Module):
             ``[class_logits, boxreg_deltas, centerness_logits]``, each ``{level: (B, Hl*Wl, K | 4 | 1)}``.
         """
         class_logits, boxreg_deltas, centerness_logits = {}, {}, {}
-        for level, feats in feats_per_fpn_level.items():
+        for level_index, (level, feats) in enumerate(feats_per_fpn_level.items()):
             box_feats = self.stem_box(feats)
             class_logits[level] = _flatten_head_output(self.pred_cls(self.stem_cls(feats)))
-            boxreg_deltas[level] = _flatten_head_output(self.pred_box(box_feats))
+            deltas = self.pred_box(box_feats)
+            if self.scales is not None:
+                deltas = deltas * self.scales[level_index]
+            if self.nonnegative_deltas:
+                deltas = F.relu(deltas)
+            boxreg_deltas[level] = _flatten_head_output(deltas)
             centerness_logits[level] = _flatten_head_output(self.pred_ctr(box_feats))
         return [class_logits, boxreg_deltas, centerness_logits]
 
@@ -89,6 +116,7 @@ def fcos_match_locations_to_gt(
     locations_per_fpn_level: TensorDict,
     strides_per_fpn_level: Mapping[str, int],
     gt_boxes: torch.Tensor,
+    center_sampling_radius: Optional[float] = None,
 ) -> TensorDict:
     """Assign each location to the ground-truth box it regresses (FCOS 3.1 and 3.2).
 
@@ -100,6 +128,12 @@ def fcos_match_locations_to_gt(
         locations_per_fpn_level: {level: (Hl*Wl, 2)} ``(x, y)`` centres.
         strides_per_fpn_level: {level: stride}.
         gt_boxes: (M, 5) for one image or (B, M, 5) for a batch.
+        center_sampling_radius: ``None`` (the course's rule: anywhere inside the box), or ``r``:
+            a location must also lie within ``r`` strides of the box's centre along x and along y
+            (FCOS journal version, Tian et al. TPAMI 2022, 3.4 "center sampling"; 1.5 there and in
+            torchvision). Locations near a box's border see mostly background and regress poorly;
+            leaving them out gives cleaner positives, and a small box still keeps the locations
+            near its centre.
     Returns:
         {level: (Hl*Wl, 5)} (or (B, Hl*Wl, 5) for a batch): the matched GT row of each location,
         ``(-1, -1, -1, -1, -1)`` for background.
@@ -128,6 +162,11 @@ def fcos_match_locations_to_gt(
         )  # (B, HlWl, M, 4)
         largest = ltrb.amax(dim=-1)
         candidate = (ltrb.amin(dim=-1) > 0) & (largest > lower) & (largest < upper) & is_real[:, None, :]
+        if center_sampling_radius is not None:
+            centre_x = (batched_gt[:, None, :, 0] + batched_gt[:, None, :, 2]) / 2  # (B, 1, M)
+            centre_y = (batched_gt[:, None, :, 1] + batched_gt[:, None, :, 3]) / 2
+            radius = center_sampling_radius * strides_per_fpn_level[level]
+            candidate &= ((x - centre_x).abs() < radius) & ((y - centre_y).abs() < radius)
         cost = torch.where(candidate, gt_area[:, None, :], torch.full_like(largest, math.inf))
         best_cost, best_gt = cost.min(dim=-1)  # (B, HlWl)
         level_matched = torch.gather(batched_gt, 1, best_gt[..., None].expand(-1, -1, 5))
@@ -217,19 +256,24 @@ def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> to
 
 @torch.no_grad()
 def fcos_make_targets(
-    locations_per_fpn_level: TensorDict, strides_per_fpn_level: Mapping[str, int], gt_boxes: torch.Tensor
+    locations_per_fpn_level: TensorDict,
+    strides_per_fpn_level: Mapping[str, int],
+    gt_boxes: torch.Tensor,
+    center_sampling_radius: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Training targets of every location of a batch, levels concatenated in order p3, p4, p5.
 
     Args:
         locations_per_fpn_level: {level: (Hl*Wl, 2)}; strides_per_fpn_level: {level: stride};
-        gt_boxes: (B, M, 5).
+        gt_boxes: (B, M, 5); center_sampling_radius: as ``fcos_match_locations_to_gt``'s.
     Returns:
         matched_gt_boxes (B, HW, 5) (``fcos_match_locations_to_gt``) and target_deltas (B, HW, 4)
         (``fcos_get_deltas_from_locations``; background -1).
     """
     B = gt_boxes.shape[0]
-    matched = fcos_match_locations_to_gt(locations_per_fpn_level, strides_per_fpn_level, gt_boxes)
+    matched = fcos_match_locations_to_gt(
+        locations_per_fpn_level, strides_per_fpn_level, gt_boxes, center_sampling_radius
+    )
     target_deltas = {
         level: fcos_get_deltas_from_locations(
             locations_per_fpn_level[level].repeat(B, 1), matched[level].flatten(0, 1), strides_per_fpn_level[level]
@@ -248,6 +292,7 @@ def fcos_losses(
     box_loss: str = "l1",
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    centerness_weighted_box_loss: bool = False,
 ) -> TensorDict:
     """FCOS eq. 2 on all locations of the batch, each term divided by the number of foreground
     locations (at least 1, so that images without any box give a finite, positive class loss and
@@ -258,6 +303,11 @@ def fcos_losses(
         matched_gt_boxes: (B, HW, 5); target_deltas: (B, HW, 4); pred_cls_logits: (B, HW, K);
         pred_boxreg_deltas: (B, HW, 4); pred_ctr_logits: (B, HW).
         box_loss, focal_alpha, focal_gamma: as ``FCOS``'s arguments.
+        centerness_weighted_box_loss: weight each foreground location's box term by its centerness
+            target and divide by their sum instead of the count (the FCOS authors' released code
+            and mmdetection's FCOS): locations near a box's centre, whose boxes the centerness
+            branch ranks first at test time, weigh most, and off-centre ones, which see little of
+            the object, weigh little.
     Returns:
         ``{"loss_cls", "loss_box", "loss_ctr"}`` scalars.
     """
@@ -278,30 +328,62 @@ def fcos_losses(
     safe_targets = torch.where(foreground[..., None], target_deltas, 1.0).flatten(0, 1)
     if box_loss == "giou":
         box_terms = fcos_giou_loss(pred_deltas, safe_targets)
-    else:
+    elif box_loss == "l1":
         box_terms = 0.25 * F.l1_loss(pred_deltas, safe_targets, reduction="none").sum(dim=1)
+    else:
+        raise ValueError(f"box_loss must be 'l1' or 'giou', got {box_loss!r}")
     ctr_targets = fcos_make_centerness_targets(safe_targets)
     ctr_terms = F.binary_cross_entropy_with_logits(pred_ctr_logits.flatten(), ctr_targets, reduction="none")
     is_fg = foreground.flatten()
-    loss_box = torch.where(is_fg, box_terms, 0.0).sum()
     loss_ctr = torch.where(is_fg, ctr_terms, 0.0).sum()
+    if centerness_weighted_box_loss:
+        box_weights = torch.where(is_fg, ctr_targets, 0.0)
+        box_normaliser = mean_over_ranks(box_weights.sum()).clamp(min=torch.finfo(box_weights.dtype).tiny)
+        loss_box = (box_weights * box_terms).sum() / box_normaliser
+    else:
+        loss_box = torch.where(is_fg, box_terms, 0.0).sum() / num_foreground
     return {
         "loss_cls": loss_cls / num_foreground,
-        "loss_box": loss_box / num_foreground,
+        "loss_box": loss_box,
         "loss_ctr": loss_ctr / num_foreground,
     }
 
 
+# The course's original FCOS: FCOS(num_classes, fpn_channels, stem_channels, **COURSE_FCOS).
+COURSE_FCOS = dict(
+    box_loss="l1",
+    group_norm=False,
+    center_sampling_radius=None,
+    learnable_scales=False,
+    nonnegative_deltas=False,
+    centerness_weighted_box_loss=False,
+)
+
+
 class FCOS(nn.Module):
     """FCOS with a RegNetX-400MF + FPN backbone.
+
+    The defaults are FCOS as its authors later improved it (the journal version, Tian et al.,
+    TPAMI 2022, and their released code, which torchvision's FCOS follows too): GroupNorm in the
+    head, center sampling, a GIoU box loss on non-negative deltas, and a learnable scale per level.
+    Together they learned best on ``benchmarks/bench_accuracy_vs_torchvision.py`` (the README's
+    ablation table); the centerness-weighted box loss of the authors' code did not, so it is off.
+    The course's original FCOS is ``FCOS(..., **COURSE_FCOS)``.
 
     Args:
         num_classes: K.
         fpn_channels: channels of the FPN levels.
         stem_channels: channels of the head's 3x3 convs, e.g. ``[64, 64]``.
         pretrained: backbone weights, as ``DetectorBackboneWithFPN``'s ``pretrained``.
-        box_loss: ``"l1"`` (the course's L1 on LTRB deltas, weighted 0.25) or ``"giou"`` (FCOS
-            uses an IoU loss; GIoU also gives gradients to boxes that do not overlap yet).
+        box_loss: ``"giou"`` (FCOS uses an IoU loss; GIoU, Rezatofighi et al. 2019, also gives
+            gradients to boxes that do not overlap yet) or ``"l1"`` (the course's L1 on LTRB
+            deltas, weighted 0.25).
+        group_norm: GroupNorm in the head's stems (``FCOSPredictionNetwork``).
+        center_sampling_radius: positives only within this many strides of a box's centre, or
+            ``None`` for anywhere inside it (``fcos_match_locations_to_gt``).
+        learnable_scales: a trainable scale of each level's box deltas (``FCOSPredictionNetwork``).
+        nonnegative_deltas: box deltas through a ReLU (``FCOSPredictionNetwork``).
+        centerness_weighted_box_loss: weight the box loss by the centerness targets (``fcos_losses``).
         focal_alpha, focal_gamma: sigmoid focal loss parameters (RetinaNet's defaults).
         topk_candidates: per level, the most confident (location, class) pairs kept before NMS
             (1000 in the FCOS paper).
@@ -317,7 +399,12 @@ class FCOS(nn.Module):
         fpn_channels: int,
         stem_channels: Sequence[int],
         pretrained: Union[bool, str, os.PathLike] = True,
-        box_loss: str = "l1",
+        box_loss: str = "giou",
+        group_norm: bool = True,
+        center_sampling_radius: Optional[float] = 1.5,
+        learnable_scales: bool = True,
+        nonnegative_deltas: bool = True,
+        centerness_weighted_box_loss: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         topk_candidates: int = 1000,
@@ -329,8 +416,12 @@ class FCOS(nn.Module):
             raise ValueError(f"box_loss must be 'l1' or 'giou', got {box_loss!r}")
         self.num_classes = num_classes
         self.backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained)
-        self.pred_net = FCOSPredictionNetwork(num_classes, fpn_channels, stem_channels)
+        self.pred_net = FCOSPredictionNetwork(
+            num_classes, fpn_channels, stem_channels, group_norm, learnable_scales, nonnegative_deltas
+        )
         self.box_loss = box_loss
+        self.center_sampling_radius = center_sampling_radius
+        self.centerness_weighted_box_loss = centerness_weighted_box_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.topk_candidates = topk_candidates
@@ -356,7 +447,8 @@ class FCOS(nn.Module):
         Args:
             images: (B, 3, H, W).
             gt_boxes: (B, M, 5), needed in training mode.
-            test_score_thresh, test_nms_thresh: evaluation thresholds (defaults 0.3 and 0.5).
+            test_score_thresh, test_nms_thresh: evaluation thresholds (``None``: ``common.SCORE_THRESH``
+                and ``common.NMS_THRESH``, as ``predict``).
         Returns:
             Training: ``{"loss_cls", "loss_box", "loss_ctr"}`` scalars.
             Evaluation (B = 1): ``(pred_boxes (N, 4), pred_classes (N,), pred_scores (N,))``.
@@ -367,7 +459,9 @@ class FCOS(nn.Module):
             raise ValueError("FCOS needs gt_boxes in training mode; call detector.eval() for inference.")
         check_gt_classes(gt_boxes, self.num_classes)
         locations, class_logits, boxreg_deltas, centerness_logits = self._run_network(images)
-        matched_gt_boxes, target_deltas = fcos_make_targets(locations, self.backbone.fpn_strides, gt_boxes)
+        matched_gt_boxes, target_deltas = fcos_make_targets(
+            locations, self.backbone.fpn_strides, gt_boxes, self.center_sampling_radius
+        )
         return fcos_losses(
             matched_gt_boxes,
             target_deltas,
@@ -377,6 +471,7 @@ class FCOS(nn.Module):
             box_loss=self.box_loss,
             focal_alpha=self.focal_alpha,
             focal_gamma=self.focal_gamma,
+            centerness_weighted_box_loss=self.centerness_weighted_box_loss,
         )
 
     @torch.no_grad()
@@ -391,14 +486,14 @@ class FCOS(nn.Module):
             raise ValueError(
                 f"FCOS.inference takes one image, got a batch of {images.shape[0]}; use predict() for batches."
             )
-        score_thresh = 0.3 if test_score_thresh is None else test_score_thresh
-        nms_thresh = 0.5 if test_nms_thresh is None else test_nms_thresh
+        score_thresh = SCORE_THRESH if test_score_thresh is None else test_score_thresh
+        nms_thresh = NMS_THRESH if test_nms_thresh is None else test_nms_thresh
         detections = self.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
         return detections["boxes"], detections["labels"], detections["scores"]
 
     @torch.no_grad()
     def predict(
-        self, images: torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.6
+        self, images: torch.Tensor, score_thresh: float = SCORE_THRESH, nms_thresh: float = NMS_THRESH
     ) -> List[Dict[str, torch.Tensor]]:
         """Batched inference (FCOS 3.3): score = sqrt(class prob * centerness), the top
         ``topk_candidates`` (location, class) pairs per level above ``score_thresh``, boxes clipped

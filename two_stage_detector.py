@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
 from common import (
+    NMS_THRESH,
+    SCORE_THRESH,
     TensorDict,
     batched_class_nms,
     box_area,
@@ -37,6 +39,8 @@ from one_stage_detector import (
 )
 
 __all__ = [
+    "COURSE_FASTER_RCNN",
+    "COURSE_RPN",
     "FCOSProposalNetwork",
     "FasterRCNN",
     "FirstStage",
@@ -53,6 +57,7 @@ __all__ = [
     "rcnn_match_anchors_to_gt",
     "roi_align",
     "sample_rpn_training",
+    "select_proposals",
 ]
 
 NEUTRAL = -1e8  # the whole matched row of an anchor that R-CNN matching ignores
@@ -325,6 +330,53 @@ def _image_size_of(feats_per_fpn_level: TensorDict, strides_per_fpn_level: Mappi
     return tuple(side * strides_per_fpn_level[level] for side in feats.shape[-2:])
 
 
+# The course's original RPN: RPN(fpn_channels, stem_channels, batch_size_per_image, **COURSE_RPN).
+COURSE_RPN = dict(allow_low_quality_matches=False, nms_per_level=False)
+# ... and its second stage: FasterRCNN(backbone, rpn, num_classes, ..., **COURSE_FASTER_RCNN).
+COURSE_FASTER_RCNN = dict(roi_stem_he_init=False)
+
+
+@torch.no_grad()
+def select_proposals(
+    level_boxes: List[torch.Tensor],
+    level_scores: List[torch.Tensor],
+    image_size: Tuple[int, int],
+    nms_thresh: float,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_per_level: bool = True,
+) -> List[torch.Tensor]:
+    """The proposal tail of both first stages, after each level's best candidates are decoded.
+
+    Boxes are clipped to the image and empty ones dropped. With ``nms_per_level`` (torchvision,
+    detectron2) NMS runs within each level of each image, and the ``post_nms_topk`` best survivors
+    of all levels are kept: a small box on p3 is never suppressed by a large, overlapping box of
+    p5, and no level's candidates crowd out another's before NMS. Without it (the course's tail),
+    the ``pre_nms_topk`` best candidates over all levels go through one NMS per image.
+
+    Args:
+        level_boxes: L tensors (B, k_l, 4), a level's candidates; level_scores: L tensors (B, k_l).
+        image_size: ``(H, W)``; nms_thresh: NMS IoU threshold.
+        pre_nms_topk: candidates over all levels kept before NMS when not ``nms_per_level``.
+        post_nms_topk: proposals kept per image.
+    Returns:
+        B tensors (P, 4) of proposals, by decreasing score.
+    """
+    boxes, scores = torch.cat(level_boxes, dim=1), torch.cat(level_scores, dim=1).float()  # (B, N, 4), (B, N)
+    B, N = scores.shape
+    level_ids = torch.cat([torch.full((s.shape[1],), i, device=scores.device) for i, s in enumerate(level_scores)])
+    if not nms_per_level:
+        scores, best = scores.topk(min(pre_nms_topk, N), dim=1)  # (B, k)
+        boxes = boxes.gather(1, best[..., None].expand(-1, -1, 4))
+        level_ids = torch.zeros_like(best[0])
+    boxes, scores = clip_boxes_to_image(boxes.flatten(0, 1).float(), image_size), scores.flatten()
+    image_ids = torch.arange(B, device=boxes.device).repeat_interleave(scores.shape[0] // B)
+    groups = image_ids * len(level_scores) + level_ids.repeat(B)  # NMS never crosses a group
+    keep = _has_area(boxes).nonzero().squeeze(1)
+    keep = keep[batched_nms(boxes[keep], scores[keep], groups[keep], nms_thresh)]  # by decreasing score
+    return [boxes[part] for part in split_by_image(keep, image_ids, B, post_nms_topk)]
+
+
 class RPN(nn.Module):
     """Region Proposal Network (Faster R-CNN 3.1) on FPN levels (FPN 4.1).
 
@@ -338,11 +390,16 @@ class RPN(nn.Module):
         anchor_iou_thresholds: ``(low, high)`` of ``rcnn_match_anchors_to_gt``; the paper uses (0.3, 0.7),
             0.6 gives small images a few more positives.
         nms_thresh: NMS IoU threshold of proposals (0.7, the paper's value).
-        pre_nms_topk: anchors kept by objectness per level and then over levels, before NMS.
+        pre_nms_topk: anchors kept by objectness on each level before NMS (and, without
+            ``nms_per_level``, over all levels).
         post_nms_topk: proposals kept per image after NMS.
         fg_fraction: at most this fraction of the sampled anchors is foreground (1:1, paper 3.1.3).
-        allow_low_quality_matches: the paper's rule that each GT box's best anchors are positive
-            too (see ``rcnn_match_anchors_to_gt``). Off by default, as in the course.
+        allow_low_quality_matches: the paper's second rule (3.1.2) that each GT box's best anchors
+            are positive too (see ``rcnn_match_anchors_to_gt``), as in torchvision and detectron2.
+            Without it a box smaller or thinner than every anchor gets no positive anchor at all
+            and can only be found by chance; the course's RPN leaves it out.
+        nms_per_level: NMS within each FPN level, as ``select_proposals`` explains (the course's
+            RPN: one NMS over the best anchors of all levels).
     """
 
     def __init__(
@@ -357,7 +414,8 @@ class RPN(nn.Module):
         pre_nms_topk: int = 400,
         post_nms_topk: int = 100,
         fg_fraction: float = 0.5,
-        allow_low_quality_matches: bool = False,
+        allow_low_quality_matches: bool = True,
+        nms_per_level: bool = True,
     ):
         super().__init__()
         self.pred_net = RPNPredictionNetwork(fpn_channels, stem_channels, num_anchors=len(anchor_aspect_ratios))
@@ -370,6 +428,7 @@ class RPN(nn.Module):
         self.post_nms_topk = post_nms_topk
         self.fg_fraction = fg_fraction
         self.allow_low_quality_matches = allow_low_quality_matches
+        self.nms_per_level = nms_per_level
         self.training_metrics: TensorDict = {}
         self._anchor_cache: Optional[Tuple[tuple, TensorDict]] = None
 
@@ -455,8 +514,8 @@ class RPN(nn.Module):
     def _propose(
         self, obj_logits: TensorDict, boxreg_deltas: TensorDict, anchors: TensorDict, image_size: Tuple[int, int]
     ) -> List[torch.Tensor]:
-        """Faster R-CNN 3.3 / FPN 4.1: the ``pre_nms_topk`` best anchors of each level, then of all
-        levels, decoded, clipped, NMS'd per image (one batched call), ``post_nms_topk`` per image.
+        """Faster R-CNN 3.3 / FPN 4.1: the ``pre_nms_topk`` best anchors of each level, decoded,
+        then ``select_proposals``.
 
         Args:
             obj_logits: {level: (B, Hl*Wl*A)}; boxreg_deltas: {level: (B, Hl*Wl*A, 4)};
@@ -464,25 +523,23 @@ class RPN(nn.Module):
         Returns:
             B tensors (P, 4) of proposals, by decreasing objectness; no gradient flows through them.
         """
-        scores, indices, offset = [], [], 0
-        for logits in obj_logits.values():
-            level_scores, level_indices = logits.topk(min(self.pre_nms_topk, logits.shape[1]), dim=1)
-            scores.append(level_scores)
-            indices.append(level_indices + offset)  # index into all HWA anchors of an image
-            offset += logits.shape[1]
-        scores, indices = torch.cat(scores, dim=1), torch.cat(indices, dim=1)  # (B, L*k)
-        B, num_candidates = scores.shape
-        scores, best = scores.topk(min(self.pre_nms_topk, num_candidates), dim=1)  # (B, k)
-        indices = indices.gather(1, best)
-        deltas = cat_across_fpn_levels(boxreg_deltas).gather(1, indices[..., None].expand(-1, -1, 4)).float()
-        all_anchors = cat_across_fpn_levels(anchors, dim=0)
-        boxes = rcnn_apply_deltas_to_anchors(deltas.flatten(0, 1), all_anchors[indices.flatten()])  # (B*k, 4)
-        boxes, scores = clip_boxes_to_image(boxes, image_size), scores.flatten().float()
-        image_ids = torch.arange(B, device=boxes.device).repeat_interleave(indices.shape[1])
-        keep = _has_area(boxes).nonzero().squeeze(1)
-        # torchvision's batched NMS: one call for all images (they never suppress each other).
-        keep = keep[batched_nms(boxes[keep], scores[keep], image_ids[keep], self.nms_thresh)]
-        return [boxes[part] for part in split_by_image(keep, image_ids, B, self.post_nms_topk)]
+        level_boxes, level_scores = [], []
+        for level, logits in obj_logits.items():
+            B, HWA = logits.shape
+            scores, index = logits.topk(min(self.pre_nms_topk, HWA), dim=1)  # (B, k)
+            deltas = boxreg_deltas[level].gather(1, index[..., None].expand(-1, -1, 4)).float()  # (B, k, 4)
+            boxes = rcnn_apply_deltas_to_anchors(deltas.flatten(0, 1), anchors[level][index.flatten()])
+            level_boxes.append(boxes.view(B, -1, 4))  # (B*k, 4) -> (B, k, 4)
+            level_scores.append(scores)
+        return select_proposals(
+            level_boxes,
+            level_scores,
+            image_size,
+            self.nms_thresh,
+            self.pre_nms_topk,
+            self.post_nms_topk,
+            self.nms_per_level,
+        )
 
 
 class FCOSProposalNetwork(nn.Module):
@@ -499,6 +556,9 @@ class FCOSProposalNetwork(nn.Module):
         nms_thresh: NMS IoU threshold of proposals (0.7, as ``RPN``).
         pre_nms_topk: locations kept by score on each level before NMS.
         post_nms_topk: proposals kept per image after NMS.
+        nms_per_level: as ``RPN``'s (``select_proposals``).
+        box_loss, group_norm, center_sampling_radius, learnable_scales, nonnegative_deltas,
+        centerness_weighted_box_loss: as ``FCOS``'s, with the same defaults.
         focal_alpha, focal_gamma: sigmoid focal loss of the objectness (RetinaNet's defaults, as FCOS).
     """
 
@@ -509,14 +569,27 @@ class FCOSProposalNetwork(nn.Module):
         nms_thresh: float = 0.7,
         pre_nms_topk: int = 400,
         post_nms_topk: int = 100,
+        nms_per_level: bool = True,
+        box_loss: str = "giou",
+        group_norm: bool = True,
+        center_sampling_radius: Optional[float] = 1.5,
+        learnable_scales: bool = True,
+        nonnegative_deltas: bool = True,
+        centerness_weighted_box_loss: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ):
         super().__init__()
-        self.pred_net = FCOSPredictionNetwork(1, fpn_channels, stem_channels)
+        self.pred_net = FCOSPredictionNetwork(
+            1, fpn_channels, stem_channels, group_norm, learnable_scales, nonnegative_deltas
+        )
         self.nms_thresh = nms_thresh
         self.pre_nms_topk = pre_nms_topk
         self.post_nms_topk = post_nms_topk
+        self.nms_per_level = nms_per_level
+        self.box_loss = box_loss
+        self.center_sampling_radius = center_sampling_radius
+        self.centerness_weighted_box_loss = centerness_weighted_box_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.training_metrics: TensorDict = {}
@@ -556,14 +629,16 @@ class FCOSProposalNetwork(nn.Module):
 
     def _losses(self, obj_logits, boxreg_deltas, ctr_logits, locations, strides, gt_boxes) -> TensorDict:
         """``FCOS``'s losses (``fcos_losses``) with one "object" class, renamed as first-stage losses:
-        focal objectness on all locations, L1 on the LTRB deltas and BCE on the centerness of the
-        foreground ones, each divided by the number of foreground locations.
+        focal objectness on all locations, GIoU (or L1) on the LTRB deltas and BCE on the centerness
+        of the foreground ones, each divided by the number of foreground locations.
 
         Args: the head's outputs {level: (B, HlWl, 1 | 4 | 1)}, locations {level: (HlWl, 2)},
         strides {level: stride}, gt_boxes (B, M, 5).
         """
         object_gt = torch.cat([gt_boxes[..., :4], gt_boxes[..., 4:].clamp(max=0)], dim=-1)  # classes -> 0
-        matched_gt_boxes, target_deltas = fcos_make_targets(locations, strides, object_gt)  # (B, HW, 5 | 4)
+        matched_gt_boxes, target_deltas = fcos_make_targets(
+            locations, strides, object_gt, self.center_sampling_radius
+        )  # (B, HW, 5 | 4)
         obj_logits = cat_across_fpn_levels(obj_logits)
         boxreg_deltas = cat_across_fpn_levels(boxreg_deltas)
         losses = fcos_losses(
@@ -572,8 +647,10 @@ class FCOSProposalNetwork(nn.Module):
             obj_logits,
             boxreg_deltas,
             cat_across_fpn_levels(ctr_logits).squeeze(-1),
+            box_loss=self.box_loss,
             focal_alpha=self.focal_alpha,
             focal_gamma=self.focal_gamma,
+            centerness_weighted_box_loss=self.centerness_weighted_box_loss,
         )
         foreground = matched_gt_boxes[..., 4] >= 0  # (B, HW)
         self.training_metrics = first_stage_metrics(
@@ -588,30 +665,31 @@ class FCOSProposalNetwork(nn.Module):
     @torch.no_grad()
     def _propose(self, obj_logits, boxreg_deltas, ctr_logits, locations, strides, image_size) -> List[torch.Tensor]:
         """FCOS 3.3 with one class: score ``sqrt(objectness * centerness)``, the ``pre_nms_topk``
-        best locations of each level, decoded and clipped, NMS per image (one batched call),
-        ``post_nms_topk`` per image.
+        best locations of each level, decoded, then ``select_proposals``.
 
         Returns:
             B tensors (P, 4) of proposals, by decreasing score; no gradient flows through them.
         """
-        boxes, scores = [], []
+        level_boxes, level_scores = [], []
         for level, logits in obj_logits.items():
             B, HlWl, _ = logits.shape
-            level_scores = torch.sqrt(logits.sigmoid() * ctr_logits[level].sigmoid()).squeeze(-1)  # (B, HlWl)
-            level_scores, index = level_scores.topk(min(self.pre_nms_topk, HlWl), dim=1)  # (B, k)
+            scores = torch.sqrt(logits.sigmoid() * ctr_logits[level].sigmoid()).squeeze(-1)  # (B, HlWl)
+            scores, index = scores.topk(min(self.pre_nms_topk, HlWl), dim=1)  # (B, k)
             deltas = boxreg_deltas[level].gather(1, index[..., None].expand(-1, -1, 4))  # (B, k, 4)
-            level_boxes = fcos_apply_deltas_to_locations(
+            boxes = fcos_apply_deltas_to_locations(
                 deltas.flatten(0, 1).float(), locations[level][index.flatten()], strides[level]
             )
-            boxes.append(level_boxes.view(B, -1, 4))
-            scores.append(level_scores.float())
-        boxes, scores = torch.cat(boxes, dim=1), torch.cat(scores, dim=1)  # (B, L*k, ...)
-        B, num_candidates = scores.shape
-        boxes, scores = clip_boxes_to_image(boxes.flatten(0, 1), image_size), scores.flatten()
-        image_ids = torch.arange(B, device=boxes.device).repeat_interleave(num_candidates)
-        keep = _has_area(boxes).nonzero().squeeze(1)
-        keep = keep[batched_nms(boxes[keep], scores[keep], image_ids[keep], self.nms_thresh)]
-        return [boxes[part] for part in split_by_image(keep, image_ids, B, self.post_nms_topk)]
+            level_boxes.append(boxes.view(B, -1, 4))  # (B*k, 4) -> (B, k, 4)
+            level_scores.append(scores)
+        return select_proposals(
+            level_boxes,
+            level_scores,
+            image_size,
+            self.nms_thresh,
+            self.pre_nms_topk,
+            self.post_nms_topk,
+            self.nms_per_level,
+        )
 
 
 def rcnn_assign_rois_to_fpn_levels(
@@ -766,6 +844,12 @@ class FasterRCNN(nn.Module):
         num_classes: K, without background.
         roi_size: ``(h, w)`` of the RoI Align output.
         stem_channels: channels of each 3x3 conv of the head, applied to the RoI features.
+        roi_stem_he_init: start the RoI stem's convs from He's init (``common.conv_stem``), as
+            detectron2's and torchvision's conv heads do; the course's N(0, 0.01) leaves a 2-conv
+            stem with almost no output at first.
+        fc_channels: widths of fully connected layers (each with a ReLU) after the stem, before
+            the class and box outputs; torchvision's and detectron2's ``TwoMLPHead`` is
+            ``stem_channels=(), fc_channels=(1024, 1024)``. The course's head has none.
         batch_size_per_image: RoIs sampled per image for the losses (the course's 32; Fast R-CNN
             used 64 per image with 2 images per batch).
         fg_fraction: at most this fraction of the sampled RoIs is foreground (Fast R-CNN 2.3: 25%).
@@ -787,6 +871,8 @@ class FasterRCNN(nn.Module):
         num_classes: int,
         roi_size: Tuple[int, int] = (7, 7),
         stem_channels: Sequence[int] = (64, 64),
+        roi_stem_he_init: bool = True,
+        fc_channels: Sequence[int] = (),
         batch_size_per_image: int = 32,
         fg_fraction: float = 0.25,
         roi_iou_thresholds: Tuple[float, float] = (0.5, 0.5),
@@ -808,8 +894,13 @@ class FasterRCNN(nn.Module):
             raise ValueError(f"roi_sampling_ratio must be at least 1 (points per bin side), got {roi_sampling_ratio}")
         self.roi_sampling_ratio = roi_sampling_ratio
         self.roi_canonical_level = roi_canonical_level
-        self.roi_stem, stem_out = conv_stem(backbone.out_channels, stem_channels)
+        self.roi_stem, stem_out = conv_stem(backbone.out_channels, stem_channels, he_init=roi_stem_he_init)
         flat = stem_out * self.roi_size[0] * self.roi_size[1]
+        fc_layers = []
+        for width in fc_channels:
+            fc_layers += [nn.Linear(flat, width), nn.ReLU(inplace=True)]
+            flat = width
+        self.roi_fc = nn.Sequential(*fc_layers)
         self.cls_pred = nn.Linear(flat, num_classes + 1)
         self.box_pred = nn.Linear(flat, num_classes * 4)
         # detectron2's FastRCNNOutputLayers: small initial outputs, boxes start near the proposals.
@@ -915,7 +1006,7 @@ class FasterRCNN(nn.Module):
 
     def _head(self, roi_feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(R, C, h, w) -> class logits (R, K + 1), background last, and box deltas (R, K * 4)."""
-        flat = self.roi_stem(roi_feats).flatten(1)
+        flat = self.roi_fc(self.roi_stem(roi_feats).flatten(1))
         return self.cls_pred(flat), self.box_pred(flat)
 
     def _roi_losses(
@@ -960,7 +1051,11 @@ class FasterRCNN(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, images: torch.Tensor, score_thresh: float = 0.05, nms_thresh: float = 0.5, max_detections: int = 100
+        self,
+        images: torch.Tensor,
+        score_thresh: float = SCORE_THRESH,
+        nms_thresh: float = NMS_THRESH,
+        max_detections: int = 100,
     ) -> List[Dict[str, torch.Tensor]]:
         """Batched inference (Faster R-CNN 3.3 / Fast R-CNN 2.4): per-class softmax scores and
         class-specific boxes of every proposal, clipped to the image, those above ``score_thresh``,

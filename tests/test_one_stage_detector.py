@@ -12,6 +12,7 @@ import one_stage_detector
 from a4_helper import SyntheticDetection, compute_map, gt_boxes_to_targets
 from common import get_fpn_location_coords
 from one_stage_detector import (
+    COURSE_FCOS,
     FCOS,
     FCOSPredictionNetwork,
     fcos_apply_deltas_to_locations,
@@ -128,6 +129,57 @@ def test_match_strictly_inside_and_level_ranges():
     assert matched["p5"][0].tolist() == [-1, -1, -1, -1, -1]
 
 
+def test_center_sampling_keeps_the_locations_near_the_centre():
+    locations = _locations_for(64)  # p3: 8 x 8 locations at 4, 12, ..., 60
+    gt = _padded([[0, 0, 64, 64, 2], [40, 40, 50, 50, 1]])
+    everywhere = fcos_match_locations_to_gt(locations, STRIDES, gt)
+    # Without center sampling every p3 location strictly inside [0, 0, 64, 64] matches it (all 64; the
+    # small box takes the 1 location inside it, (44, 44), as the smaller box).
+    assert (everywhere["p3"][:, 4] == 2).sum() == 63 and (everywhere["p3"][:, 4] == 1).sum() == 1
+    sampled = fcos_match_locations_to_gt(locations, STRIDES, gt, center_sampling_radius=1.5)
+    # Radius 1.5 * 8 = 12 px around the centre (32, 32): |x - 32| < 12 keeps x = 28 and 36 (20 and 44
+    # are exactly 12 away), so the 2 x 2 locations (28|36, 28|36). The 10-px box keeps (44, 44): it is
+    # 1 px from its centre (45, 45).
+    expected = {(28.0, 28.0): 2, (36.0, 28.0): 2, (28.0, 36.0): 2, (36.0, 36.0): 2, (44.0, 44.0): 1}
+    positive = sampled["p3"][:, 4] >= 0
+    found = {tuple(xy.tolist()): int(c) for xy, c in zip(locations["p3"][positive], sampled["p3"][positive, 4])}
+    assert found == expected
+    assert (sampled["p4"][:, 4] == -1).all() and (sampled["p5"][:, 4] == -1).all()
+
+
+def test_prediction_network_group_norm_and_learnable_scales():
+    torch.manual_seed(0)
+    head = FCOSPredictionNetwork(3, 16, [16, 16], group_norm=True, learnable_scales=True)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == 4  # 2 stems x 2 convs
+    assert_close(head.scales.detach(), torch.ones(3))
+    feats = {level: torch.randn(2, 16, 8 // (2**i), 8 // (2**i)) for i, level in enumerate(STRIDES)}
+    before = head(feats)[1]
+    with torch.no_grad():
+        head.scales[1] = 2.5  # the p4 scale
+    after = head(feats)[1]
+    assert_close(after["p4"], 2.5 * before["p4"])
+    assert_close(after["p3"], before["p3"])
+    # The course's head has neither, and its deltas may be negative; nonnegative_deltas clamps them at 0.
+    plain = FCOSPredictionNetwork(3, 16, [16, 16])
+    assert plain.scales is None and not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    raw = plain(feats)[1]["p3"]
+    plain.nonnegative_deltas = True
+    assert (raw < 0).any()
+    assert_close(plain(feats)[1]["p3"], raw.clamp(min=0))
+
+
+def test_fcos_defaults_are_the_improved_rules_and_course_fcos_the_original():
+    improved = FCOS(3, 16, [16], pretrained=False)
+    assert (improved.box_loss, improved.center_sampling_radius) == ("giou", 1.5)
+    assert improved.pred_net.scales is not None
+    course = FCOS(3, 16, [16], pretrained=False, **COURSE_FCOS)
+    assert (course.box_loss, course.center_sampling_radius, course.pred_net.scales) == ("l1", None, None)
+    # The course's state dict has no GroupNorm and no scales, so checkpoints of it still load.
+    assert not any("scales" in key for key in course.state_dict())
+    with pytest.raises(ValueError, match="box_loss"):
+        FCOS(3, 16, [16], pretrained=False, box_loss="smooth_l1")
+
+
 def test_match_boundary_of_level_ranges_is_exclusive():
     # Location (64, 64) in [0, 0, 128, 128]: LTRB all 64, exactly the p3/p4 boundary -> neither level.
     locations = {"p3": torch.tensor([[64.0, 64.0]]), "p4": torch.tensor([[64.0, 64.0]]), "p5": torch.zeros(0, 2)}
@@ -235,6 +287,35 @@ def test_losses_equal_the_terms_of_the_foreground_locations_alone(box_loss):
     for grad, expected in zip(grads, expected_grads):
         assert_close(grad, expected)
     assert grads[0][~fg].abs().max() == 0  # background locations get no box gradient
+
+
+def test_centerness_weighted_box_loss_hand_computed():
+    # One image, two foreground locations at stride 8 and one background location.
+    # Location A, deltas (1, 1, 1, 1): centerness sqrt(1 * 1 / (1 * 1)) = 1.
+    # Location B, deltas (1, 3, 3, 1): centerness sqrt(1 * 1 / (3 * 3)) = 1/3.
+    targets = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 1], [-1.0, -1, -1, -1]]])
+    matched = torch.tensor([[[0.0, 0, 16, 16, 0], [0.0, 0, 32, 32, 0], [-1.0, -1, -1, -1, -1]]])
+    pred = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 3], [5.0, 5, 5, 5]]])  # B is off by 2 on one side
+    cls_logits, ctr_logits = torch.zeros(1, 3, 1), torch.zeros(1, 3)
+    plain = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1")
+    weighted = fcos_losses(
+        matched, targets, cls_logits, pred, ctr_logits, box_loss="l1", centerness_weighted_box_loss=True
+    )
+    # L1 terms: A 0, B 0.25 * 2 = 0.5. Plain: (0 + 0.5) / 2 locations = 0.25.
+    # Weighted: (1 * 0 + 1/3 * 0.5) / (1 + 1/3) = (1/6) / (4/3) = 0.125.
+    assert_close(plain["loss_box"], torch.tensor(0.25))
+    assert_close(weighted["loss_box"], torch.tensor(0.125))
+    assert_close(weighted["loss_cls"], plain["loss_cls"])
+    assert_close(weighted["loss_ctr"], plain["loss_ctr"])
+    empty = fcos_losses(
+        matched[:, 2:],
+        targets[:, 2:],
+        cls_logits[:, 2:],
+        pred[:, 2:],
+        ctr_logits[:, 2:],
+        centerness_weighted_box_loss=True,
+    )  # no foreground at all: zero, not NaN
+    assert empty["loss_box"] == 0
 
 
 @pytest.mark.parametrize("label", [5.0, 7.0, -2.0, -1.0, 1.5])
