@@ -6,8 +6,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_a4_helper import _write_voc_annotation
 from torch.testing import assert_close
 
 import a4_helper
@@ -121,3 +124,90 @@ def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_pa
     assert (rcnn_out / "proposal_recall.png").is_file()
     with pytest.raises(SystemExit, match="faster_rcnn only"):
         detect.main(["train", "--model", "fcos", "--first-stage", "fcos", "--out", str(tmp_path / "x"), *TINY_RUN])
+
+
+# (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based pixels, on 64 x 64 images (kept as they are at
+# --image-size 64). The difficult dog comes first: an evaluation that drops it from the ground truth ranks
+# its detection (a tie at score 1) ahead of the real dog's, a false positive: AP(dog) 1/2, mAP (1/2 + 1) / 2.
+_DIFFICULT_VOC = {
+    "000001": [("dog", 5, 5, 30, 30, 1), ("dog", 33, 33, 60, 60, 0), ("cat", 10, 35, 30, 60, 0)],
+    "000002": [("cat", 20, 10, 50, 40, 0), ("cat", 40, 45, 62, 62, 1)],
+}
+
+
+def _write_difficult_voc(dataset_dir):
+    voc = os.path.join(dataset_dir, "VOCdevkit", "VOC2007")
+    for folder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(voc, folder))
+    for grey, (image_id, objects) in zip((60, 200), _DIFFICULT_VOC.items()):  # told apart by their grey
+        Image.fromarray(np.full((64, 64, 3), grey, np.uint8)).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"))
+        _write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (64, 64), objects)
+    with open(os.path.join(voc, "ImageSets", "Main", "train.txt"), "w") as file:
+        file.write("".join(f"{image_id}\n" for image_id in _DIFFICULT_VOC))
+
+
+def _oracle_predict(reference):
+    """A ``predict`` that returns every ground-truth box of the image it sees, difficult ones too, with
+    score 1; it finds the image among ``reference`` items ``(id, image, gt_boxes, difficult)`` by its pixels."""
+    references = torch.stack([item[1] for item in reference])
+
+    def predict(self, images, score_thresh=0.05, nms_thresh=0.5):
+        outputs = []
+        for image in images.float().cpu():
+            gt_boxes = reference[int((references - image).abs().flatten(1).sum(1).argmin())][2]
+            gt_boxes = gt_boxes[gt_boxes[:, 4] >= 0]
+            outputs.append(
+                {"boxes": gt_boxes[:, :4], "labels": gt_boxes[:, 4].long(), "scores": torch.ones(len(gt_boxes))}
+            )
+        return outputs
+
+    return predict
+
+
+def test_voc_evaluation_ignores_difficult_objects_with_and_without_the_cache(tmp_path, monkeypatch):
+    _write_difficult_voc(tmp_path)
+    held_out = a4_helper.VOC2007DetectionTiny(tmp_path, "train", image_size=64, return_difficult=True)
+    assert sum(int(held_out[i][3].sum()) for i in range(2)) == 2  # both difficult objects are there
+    monkeypatch.setattr(detect.FCOS, "predict", _oracle_predict([held_out[i] for i in range(2)]))
+    out = tmp_path / "run"
+    tiny = ["--iters", "1", "--batch-size", "2", "--image-size", "64", "--fpn-channels", "16", "--weights", "none"]
+    voc = ["--data-dir", str(tmp_path), "--eval-split", "train"]
+    # The voc2007 recipe trains and evaluates on images from the cache; the training split's cache,
+    # built without difficult objects, must not stand in for the held-out one (here the same split).
+    detect.main(["train", "--data", "voc2007", "--out", str(out), *voc, *tiny])
+    assert json.loads((out / "metrics.json").read_text())["map"] == 1.0
+    checkpoint = str(out / "checkpoint.pt")
+    for cache in ("--cache", "--no-cache"):
+        eval_out = tmp_path / cache
+        detect.main(["eval", "--checkpoint", checkpoint, "--out", str(eval_out), *voc, cache])
+        assert json.loads((eval_out / "metrics.json").read_text())["map"] == 1.0, cache
+
+
+def test_proposal_evaluation_gives_the_first_stage_back_its_proposal_count_and_mode(tmp_path):
+    config = {"model": "faster_rcnn", "data": "synthetic", "image_size": 64, "batch_size": 4, "fpn_channels": 16}
+    config.update(num_classes=len(a4_helper.SYNTHETIC_CLASSES), eval_images=4)
+    detector = detect.build_detector(config).train()
+    before = detector.rpn.post_nms_topk
+    args = detect.build_parser().parse_args(["eval", "--checkpoint", "unused.pt", "--device", "cpu"])
+    summary = detect._evaluate_proposals(detector, config, args, str(tmp_path))
+    assert set(summary) >= {"ar_10", "ar_300"} and before != 300  # it ranked 300 proposals per image...
+    assert detector.rpn.post_nms_topk == before  # ...and the detector keeps its own count
+    assert detector.training and detector.rpn.training and detector.backbone.training  # and its mode
+
+
+def test_build_detector_builds_the_variant_its_config_names_and_old_configs_the_course_one():
+    config = {"fpn_channels": 16, "num_classes": 3}
+    improved = detect.build_detector({**config, "model": "fcos", "variant": "improved"})
+    assert improved.box_loss == "giou" and improved.pred_net.scales is not None
+    old_fcos = detect.build_detector({**config, "model": "fcos"})  # checkpoints from before the variant
+    assert old_fcos.box_loss == "l1" and old_fcos.pred_net.scales is None
+    assert set(old_fcos.state_dict()) == set(
+        detect.build_detector({**config, "model": "fcos", "variant": "course"}).state_dict()
+    )
+    rcnn = detect.build_detector({**config, "model": "faster_rcnn", "variant": "improved"})
+    assert rcnn.rpn.allow_low_quality_matches and rcnn.rpn.nms_per_level
+    old_rcnn = detect.build_detector({**config, "model": "faster_rcnn"})
+    assert not old_rcnn.rpn.allow_low_quality_matches and not old_rcnn.rpn.nms_per_level
+    old_first_stage = detect.build_detector({**config, "model": "faster_rcnn", "first_stage": "fcos"})
+    assert old_first_stage.rpn.box_loss == "l1" and not old_first_stage.rpn.nms_per_level
+    assert detect.build_parser().parse_args(["train"]).variant == "improved"
