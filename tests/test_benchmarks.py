@@ -1,0 +1,48 @@
+"""The accuracy benchmark compares like with like: the same backbone for every detector of a seed,
+and torchvision's detectors driven through our calling convention with our class numbering."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_accuracy_vs_torchvision as bench  # noqa: E402
+
+# 32 channels: torchvision's FCOS head has GroupNorm with 32 groups.
+SMALL = bench.Settings(image_size=64, train_images=4, eval_images=2, fpn_channels=32, stem=(32, 32))
+
+
+def test_every_variant_of_a_seed_starts_from_the_same_backbone():
+    variants = {
+        "fcos": ["torchvision", "default", "course", "tv-rules"],
+        "faster_rcnn": ["torchvision", "default", "course +He init"],
+    }
+    bench.check_same_start(variants, SMALL)  # raises if any backbone differs
+    torch.manual_seed(1)
+    other_seed = bench.backbone_of(bench.build("fcos", "default", SMALL)).state_dict()
+    torch.manual_seed(0)
+    seed_0 = bench.backbone_of(bench.build("fcos", "default", SMALL)).state_dict()
+    assert any(not torch.equal(seed_0[name], other_seed[name]) for name in seed_0)
+
+
+def test_torchvision_adapter_trains_and_predicts_with_our_labels():
+    items = bench.data(SMALL, "train")[:2]
+    images = torch.stack([item[1] for item in items])
+    gt_boxes = torch.stack([item[2] for item in items])
+    for detector, loss_names in (
+        ("fcos", {"classification", "bbox_regression", "bbox_ctrness"}),
+        ("faster_rcnn", {"loss_classifier", "loss_box_reg", "loss_objectness"}),
+    ):
+        torch.manual_seed(0)
+        model = bench.build(detector, "torchvision", SMALL).train()
+        losses = model(images, gt_boxes)
+        assert loss_names <= set(losses) and all(torch.isfinite(value) for value in losses.values())
+        model.eval()
+        predictions = model.predict(images, score_thresh=0.0, nms_thresh=0.5)
+        assert len(predictions) == 2
+        for prediction in predictions:
+            labels = prediction["labels"]
+            # Faster R-CNN's background is torchvision's class 0: our classes come back as 0..K-1.
+            assert len(labels) > 0 and labels.min() >= 0 and labels.max() < bench.NUM_CLASSES
