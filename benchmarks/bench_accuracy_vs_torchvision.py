@@ -53,7 +53,7 @@ import bench_vs_torchvision as tv_builders  # noqa: E402
 from a4_helper import CROWDED_SCENE, SyntheticDetection, compute_map, evaluate_detector, train_detector  # noqa: E402
 from common import DetectorBackboneWithFPN  # noqa: E402
 from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
-from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN  # noqa: E402
+from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, FCOSProposalNetwork  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,11 @@ FCOS_VARIANTS = {
     "course +scales": {**COURSE_FCOS, "learnable_scales": True},
     "course +centerness-weighted box loss": {**COURSE_FCOS, "centerness_weighted_box_loss": True},
     "course +nonnegative deltas": {**COURSE_FCOS, "nonnegative_deltas": True},
+    "default -nonnegative deltas": {"nonnegative_deltas": False},
+    "default -nonnegative deltas +centerness weights": {
+        "nonnegative_deltas": False,
+        "centerness_weighted_box_loss": True,
+    },
 }
 COURSE_HEAD = {**COURSE_FASTER_RCNN, "fc_channels": ()}
 RCNN_VARIANTS = {
@@ -103,6 +108,8 @@ RCNN_VARIANTS = {
     "course +NMS per level": ({**COURSE_RPN, "nms_per_level": True}, COURSE_HEAD),
     "course +He init": (COURSE_RPN, {**COURSE_HEAD, "roi_stem_he_init": True}),
     "course +2 FC layers": (COURSE_RPN, {**COURSE_HEAD, "fc_channels": (256, 256)}),
+    "default -NMS per level": ({"nms_per_level": False}, {}),
+    "FCOS first stage": (None, {}),  # FCOSProposalNetwork with its defaults instead of the RPN
 }
 ABLATION = {
     "fcos": [v for v in FCOS_VARIANTS if v.startswith("course +")],
@@ -155,7 +162,10 @@ def build(detector: str, variant: str, settings: Settings) -> nn.Module:
         return TorchvisionAdapter(tv_builders.build_torchvision_faster_rcnn(), background_first=True)
     rpn_options, head_options = RCNN_VARIANTS[variant]
     backbone = DetectorBackboneWithFPN(C, pretrained=False)
-    rpn = RPN(C, stem, batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80, **rpn_options)
+    if rpn_options is None:
+        rpn = FCOSProposalNetwork(C, stem, pre_nms_topk=400, post_nms_topk=80)
+    else:
+        rpn = RPN(C, stem, batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80, **rpn_options)
     return FasterRCNN(backbone, rpn, NUM_CLASSES, stem_channels=stem, batch_size_per_image=32, **head_options)
 
 
@@ -290,6 +300,8 @@ def main():
                 f"COCO {result['coco']:.3f} ({result['train_seconds']:.0f} s training)",
                 flush=True,
             )
+        pool.close()
+        pool.join()
     print(f"\n{len(jobs)} runs in {(time.perf_counter() - start) / 60:.1f} min; {settings}")
     print_table(results, variants)
 
