@@ -83,13 +83,19 @@ def _resolve_weights(weights: str):
     return True
 
 
+# Faster R-CNN's first stage when --first-stage is not given: FCOS's head proposes better boxes than the
+# anchor RPN (README, Accuracy), the course teaches the RPN.
+DEFAULT_FIRST_STAGE = {"improved": "fcos", "course": "rpn"}
+
+
 def build_detector(config: Dict[str, Any], pretrained=False) -> nn.Module:
     """The detector that ``config`` (stored in every checkpoint) describes, with the course's sizes.
 
     ``config["variant"]`` is ``"improved"`` (the constructors' defaults: what learned best on
     ``benchmarks/bench_accuracy_vs_torchvision.py``) or ``"course"`` (the course's original rules,
     ``COURSE_FCOS``, ``COURSE_RPN``, ``COURSE_FASTER_RCNN``). Checkpoints written before the variant
-    existed have no such entry and hold course detectors.
+    existed have no such entry and hold course detectors. ``config["first_stage"]`` (Faster R-CNN) is
+    ``"rpn"`` or ``"fcos"``; ``train`` always writes it, and a config without it means the RPN.
     """
     fpn_channels, num_classes = config["fpn_channels"], config["num_classes"]
     stem_channels = [fpn_channels, fpn_channels]
@@ -304,8 +310,8 @@ def _train(args, device: torch.device) -> Dict[str, Any]:
         "eval_images": args.eval_images or recipe.get("eval_images"),
     }
     if args.model == "faster_rcnn":
-        config["first_stage"] = args.first_stage
-    elif args.first_stage != "rpn" or args.init_from:
+        config["first_stage"] = args.first_stage or DEFAULT_FIRST_STAGE[args.variant]
+    elif args.first_stage or args.init_from:
         raise SystemExit("--first-stage and --init-from apply to --model faster_rcnn only.")
     if args.init_from:
         config["init_from"] = args.init_from
@@ -503,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone weights: auto (ImageNet if cached or downloadable, else random), imagenet, none, or a path",
     )
     train.add_argument(
-        "--first-stage", choices=["rpn", "fcos"], default="rpn", help="faster_rcnn's first stage (default: rpn)"
+        "--first-stage",
+        choices=["rpn", "fcos"],
+        help="faster_rcnn's first stage (default: fcos with --variant improved, rpn with --variant course)",
     )
     train.add_argument("--init-from", help="start faster_rcnn's backbone and FCOS first stage from an FCOS checkpoint")
     train.add_argument(

@@ -19,7 +19,10 @@ optimizer, schedule and batches, and is scored on the same held-out images with 
 Variants of our detectors (``--variants``; ``--ablation`` adds the course's detector with one
 improvement at a time):
 
-* ``default``: what ``FCOS(...)`` / ``RPN(...)`` / ``FasterRCNN(...)`` build with their defaults;
+* ``default``: what ``detect.build_detector`` builds: ``FCOS(...)`` with its defaults, and
+  ``FasterRCNN(...)`` with its defaults on an ``FCOSProposalNetwork(...)`` first stage;
+* ``RPN first stage`` (Faster R-CNN): ``RPN(...)`` with its defaults instead, the structure of
+  torchvision's ``FasterRCNN``; a run without ``--variants`` trains it too;
 * ``tv-rules`` (FCOS): ours with torchvision's rules: GroupNorm head, center sampling, GIoU loss,
   and none of the extras (for Faster R-CNN torchvision's rules are our defaults);
 * ``course``: the course's original detector (``COURSE_FCOS``, ``COURSE_RPN``).
@@ -101,16 +104,19 @@ FCOS_VARIANTS = {
     },
 }
 COURSE_HEAD = {**COURSE_FASTER_RCNN, "fc_channels": ()}
+# None instead of RPN options: FCOSProposalNetwork with its defaults as the first stage.
 RCNN_VARIANTS = {
-    "default": ({}, {}),
+    "default": (None, {}),  # what detect.build_detector builds: an FCOS first stage (see the README)
+    "RPN first stage": ({}, {}),  # RPN(...) and FasterRCNN(...) with their defaults: torchvision's structure
     "course": (COURSE_RPN, COURSE_HEAD),
     "course +low-quality matches": ({**COURSE_RPN, "allow_low_quality_matches": True}, COURSE_HEAD),
     "course +NMS per level": ({**COURSE_RPN, "nms_per_level": True}, COURSE_HEAD),
     "course +He init": (COURSE_RPN, {**COURSE_HEAD, "roi_stem_he_init": True}),
     "course +2 FC layers": (COURSE_RPN, {**COURSE_HEAD, "fc_channels": (256, 256)}),
-    "default -NMS per level": ({"nms_per_level": False}, {}),
-    "FCOS first stage": (None, {}),  # FCOSProposalNetwork with its defaults instead of the RPN
+    "RPN first stage -NMS per level": ({"nms_per_level": False}, {}),
 }
+# What a run without --variants trains: for Faster R-CNN also the RPN, which compares like with like.
+DEFAULT_VARIANTS = {"fcos": ["default"], "faster_rcnn": ["default", "RPN first stage"]}
 ABLATION = {
     "fcos": [v for v in FCOS_VARIANTS if v.startswith("course +")],
     "faster_rcnn": [v for v in RCNN_VARIANTS if v.startswith("course +")],
@@ -265,7 +271,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="runs per detector, seeds 0..N-1 (default 3)")
     parser.add_argument("--detectors", default="fcos,faster_rcnn", help="comma-separated: fcos, faster_rcnn")
-    parser.add_argument("--variants", default="default", help="our variants, comma-separated (default: default)")
+    parser.add_argument(
+        "--variants", help="our variants, comma-separated (default: default, and 'RPN first stage' for faster_rcnn)"
+    )
     parser.add_argument("--ablation", action="store_true", help="also the course's detector plus one change at a time")
     parser.add_argument("--no-torchvision", action="store_true", help="train our variants only (no ratios)")
     parser.add_argument("--iters", type=int, default=Settings.iters)
@@ -278,7 +286,8 @@ def main():
         if detector not in ABLATION:
             parser.error(f"unknown detector {detector!r}; choose from {sorted(ABLATION)}")
         known = FCOS_VARIANTS if detector == "fcos" else RCNN_VARIANTS
-        names = args.variants.split(",") + (["course"] + ABLATION[detector] if args.ablation else [])
+        names = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[detector]
+        names = names + (["course"] + ABLATION[detector] if args.ablation else [])
         unknown = [v for v in names if v not in known]
         if unknown:
             parser.error(f"unknown variants for {detector}: {unknown}; choose from {sorted(known)}")

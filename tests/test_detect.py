@@ -30,6 +30,8 @@ def test_train_eval_predict_smoke(tmp_path, model, capsys):
     assert 0.0 <= written["map"] <= 1.0 and written["map"] == metrics["map"]
     assert written["config"]["model"] == model and written["num_images"] == 4
     assert set(written["ap_per_class"]) <= set(a4_helper.SYNTHETIC_CLASSES)
+    if model == "faster_rcnn":  # the improved variant proposes with FCOS's head unless told otherwise
+        assert written["config"]["first_stage"] == "fcos"
 
     evaluated = detect.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval")])
     assert evaluated["map"] == pytest.approx(metrics["map"])  # same weights, same held-out images
@@ -124,6 +126,15 @@ def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_pa
     assert (rcnn_out / "proposal_recall.png").is_file()
     with pytest.raises(SystemExit, match="faster_rcnn only"):
         detect.main(["train", "--model", "fcos", "--first-stage", "fcos", "--out", str(tmp_path / "x"), *TINY_RUN])
+
+
+def test_the_course_variant_of_faster_rcnn_keeps_the_anchor_rpn(tmp_path):
+    out = tmp_path / "course"
+    one_step = ["--iters", "1", *TINY_RUN[2:]]
+    argv = ["train", "--model", "faster_rcnn", "--variant", "course", "--weights", "none", "--out", str(out)]
+    detect.main([*argv, *one_step])
+    detector, config = detect.load_detector(str(out / "checkpoint.pt"))
+    assert config["first_stage"] == "rpn" and isinstance(detector.rpn, detect.RPN)
 
 
 # (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based pixels, on 64 x 64 images (kept as they are at
