@@ -725,7 +725,17 @@ GRAD_CLIP = 10.0  # train_detector's default bound on the global gradient norm (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; training stopped before using it and saved nothing."""
+    """A loss became NaN or infinite; training stopped before using it and saved nothing.
+
+    Attributes: ``iteration`` (1-based) where it happened, ``values`` (every loss and metric of that
+    step), ``checkpoint_path`` and ``last_saved`` (the iteration the kept checkpoint holds, or None).
+    """
+
+    def __init__(self, values: Mapping[str, float], iteration: int, checkpoint_path: Optional[PathLike],
+                 last_saved: Optional[int]):
+        super().__init__(_non_finite_message(values, iteration, checkpoint_path, last_saved))
+        self.values, self.iteration = dict(values), iteration
+        self.checkpoint_path, self.last_saved = checkpoint_path, last_saved
 
 
 def _lr_factor(iteration: int, max_iters: int, warmup_iters: int) -> float:
@@ -1002,7 +1012,7 @@ def train_detector(
         values = _loss_values(losses, getattr(model, "training_metrics", {}))
         if not all(math.isfinite(value) for value in values.values()):
             bar.close()
-            raise NonFiniteLossError(_non_finite_message(values, iteration + 1, checkpoint_path, last_saved))
+            raise NonFiniteLossError(values, iteration + 1, checkpoint_path, last_saved)
         _update(sum(losses.values()), optimizer, scaler, params, grad_clip)
         scheduler.step()
         for name, value in values.items():

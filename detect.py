@@ -10,10 +10,16 @@ recipe on the built-in synthetic data (no download, a few minutes on a laptop CP
 
 ``torchrun --nproc_per_node=N detect.py train ...`` trains on N processes (one per GPU) with
 DistributedDataParallel; ``--batch-size`` stays the global batch, and rank 0 writes every file.
+
+A mistake the user can fix (a bad option value, a missing or unreadable file, a missing data set or
+weights file, a refused resume, a NaN loss) ends the command with one ``error:`` line that names the
+file or value and the flag that fixes it: exit status 2 for a bad option (argparse), 1 otherwise;
+``--debug`` shows the traceback instead. The Python functions here raise their usual exceptions.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,6 +30,7 @@ from torch import nn
 
 import a4_helper
 import distributed
+import photos
 from common import NMS_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
 from one_stage_detector import COURSE_FCOS, FCOS
 from two_stage_detector import (
@@ -57,6 +64,66 @@ RECIPES = {
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class CommandError(Exception):
+    """A mistake the user can fix; ``main`` prints its message as one ``error:`` line and exits with 1."""
+
+
+# Option types: argparse turns their ArgumentTypeError into its usual "argument --x: ..." error (status 2).
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def image_side(text: str) -> int:
+    """A side the backbone takes: a positive multiple of its largest stride, 32."""
+    value = _number(text, int)
+    if value <= 0 or value % photos.SIZE_DIVISOR:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of {photos.SIZE_DIVISOR} (128, 224, ...), got {text}"
+        )
+    return value
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,10 +138,30 @@ def _resolve_weights(weights: str):
     """
     if weights == "none":
         return False
+    if weights not in ("auto", "imagenet"):  # a path to a saved state dict
+        if not os.path.isfile(weights):
+            raise CommandError(
+                f"no weights file {weights}; pass --weights with a state dict saved from torchvision's "
+                "regnet_x_400mf, --weights imagenet, or --weights none for random weights."
+            )
+        try:
+            DetectorBackboneWithFPN(8, pretrained=weights)
+        except Exception as error:  # not a state dict, or another network's
+            raise CommandError(
+                f"{weights} holds no RegNetX-400MF weights ({type(error).__name__}); pass another file with "
+                "--weights, or --weights none for random weights."
+            ) from error
+        return weights
     if weights == "imagenet":
+        try:
+            DetectorBackboneWithFPN(8, pretrained=True)
+        except RuntimeError as error:
+            raise CommandError(
+                f"the ImageNet weights of RegNetX-400MF are neither cached in {torch.hub.get_dir()} nor "
+                "downloadable here; pass --weights PATH with a saved state dict, or --weights none (or auto) to "
+                "train from random weights."
+            ) from error
         return True
-    if weights != "auto":
-        return weights  # a path to a saved state dict
     try:
         DetectorBackboneWithFPN(8, pretrained=True)
     except RuntimeError as error:
@@ -163,6 +250,54 @@ def make_dataset(
     return a4_helper.PreprocessedCache(dataset, path, source_key=f"{key} {split}", workers=workers)
 
 
+def _open_data(data: str, split: str, image_size: int, data_dir: str, *args, **kwargs):
+    """``make_dataset`` for a command: a missing VOC 2007 becomes a ``CommandError`` naming the flags."""
+    try:
+        return make_dataset(data, split, image_size, data_dir, *args, **kwargs)
+    except FileNotFoundError as error:
+        if data != "voc2007":
+            raise
+        voc = os.path.join(os.path.abspath(data_dir), "VOCdevkit", "VOC2007")
+        raise CommandError(
+            f"PASCAL VOC 2007 ({split!r} split) not found in {voc}; pass --download to fetch it there "
+            "(about 450 MB), or --data-dir with the folder that holds VOCdevkit."
+        ) from error
+
+
+def _reason(error: BaseException, path: str) -> str:
+    """A short why for a one-line message about ``path``: the underlying error's type, or the first
+    sentence of the error's message with the path (which the message names already) left out."""
+    if error.__cause__ is not None:
+        return type(error.__cause__).__name__
+    first = str(error).replace(repr(path), "it").replace(path, "it").split(". ")[0].split("\n")[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def _checkpoint_file(path: str, flag: str) -> str:
+    """The checkpoint file an option names: the path itself, or checkpoint.pt in the folder it names."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CHECKPOINT_NAME)):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise CommandError(
+            f"no checkpoint {path}; pass {flag} with the {CHECKPOINT_NAME} that 'detect.py train' wrote "
+            "(e.g. runs/quickstart/checkpoint.pt)."
+        )
+    return path
+
+
+def _load_checkpoint_arg(path: str, flag: str, load=None):
+    """``load(file)`` (default ``load_detector``) for the checkpoint an option names (``_checkpoint_file``);
+    what cannot be loaded becomes a ``CommandError`` naming ``flag``."""
+    path = _checkpoint_file(path, flag)
+    try:
+        return (load or load_detector)(path)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CommandError(
+            f"{path} is not a checkpoint written by 'detect.py train' ({_reason(error, path)}); "
+            f"pass another file with {flag}."
+        ) from error
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0):
     return torch.utils.data.DataLoader(
         dataset,
@@ -200,7 +335,7 @@ def _train_loader(dataset, batch_size: int, workers: int, seed: int):
 
 def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
     """mAP on the held-out split; writes metrics.json and a picture of predictions into out_dir."""
-    dataset = make_dataset(
+    dataset = _open_data(
         config["data"],
         args.eval_split,
         config["image_size"],
@@ -235,6 +370,7 @@ def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
         "images_per_second": result["images_per_second"],
         "config": config,
     }
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2)
     _save_prediction_picture(detector, dataset, device, args, os.path.join(out_dir, "predictions.png"))
@@ -273,10 +409,17 @@ def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
     """A rerun resumes from ``checkpoint_path``; refuse one whose run had other settings."""
     if not os.path.exists(checkpoint_path):
         return
-    saved = (a4_helper.read_checkpoint(checkpoint_path).get("metadata") or {}).get("config")
+    try:
+        saved = (a4_helper.read_checkpoint(checkpoint_path).get("metadata") or {}).get("config")
+    except RuntimeError as error:
+        raise CommandError(
+            f"{checkpoint_path} cannot be resumed: it is not a readable checkpoint "
+            f"({_reason(error, checkpoint_path)}). It was left untouched; pass another --out, or delete that "
+            "file to start over."
+        ) from error
     if saved != config:
         changed = sorted(key for key in config if saved is None or saved.get(key) != config[key])
-        raise SystemExit(
+        raise CommandError(
             f"{checkpoint_path} holds a run with other settings ({', '.join(changed)} differ), so it cannot "
             "be resumed. Pass another --out, or delete that file to start over."
         )
@@ -296,35 +439,32 @@ def _train(args, device: torch.device) -> Dict[str, Any]:
     of every global batch; rank 0 alone then plots, evaluates and writes ``metrics.json``, while the
     other ranks return ``{"final_loss", "train_seconds"}``."""
     recipe = RECIPES[args.data]
-    config = {
-        "model": args.model,
-        "variant": args.variant,
-        "data": args.data,
-        "image_size": args.image_size or recipe["image_size"],
-        "batch_size": args.batch_size or recipe["batch_size"],
-        "fpn_channels": args.fpn_channels or recipe["fpn_channels"],
-        "iters": args.iters or recipe["iters"],
-        "optimizer": args.optimizer or recipe["optimizer"],
-        "lr": args.lr or recipe["lr"],
-        "train_images": args.train_images or recipe.get("train_images"),
-        "eval_images": args.eval_images or recipe.get("eval_images"),
-    }
+
+    def option(name: str):  # the command line's value, else the recipe's
+        value = getattr(args, name)
+        return recipe.get(name) if value is None else value
+
+    config = {"model": args.model, "variant": args.variant, "data": args.data}
+    for name in ("image_size", "batch_size", "fpn_channels", "iters", "optimizer", "lr", "train_images", "eval_images"):
+        config[name] = option(name)
     if args.model == "faster_rcnn":
         config["first_stage"] = args.first_stage or DEFAULT_FIRST_STAGE[args.variant]
     elif args.first_stage or args.init_from:
-        raise SystemExit("--first-stage and --init-from apply to --model faster_rcnn only.")
+        raise CommandError("--first-stage and --init-from apply to --model faster_rcnn only.")
     if args.init_from:
         config["init_from"] = args.init_from
     world_size, main = distributed.world_size(), distributed.is_main_process()
     if config["batch_size"] % world_size:
-        raise SystemExit(
+        raise CommandError(
             f"--batch-size {config['batch_size']} is the global batch of all {world_size} processes, so it must "
             f"be divisible by {world_size}; pass a multiple of {world_size}."
         )
-    os.makedirs(args.out, exist_ok=True)
+    if args.init_from:
+        read_weights = lambda path: a4_helper.read_checkpoint(path)["model"]  # noqa: E731
+        init_state = _load_checkpoint_arg(args.init_from, "--init-from", read_weights)
     a4_helper.reset_seed(args.seed)
     with distributed.rank_zero_first():  # rank 0 downloads what is missing, the other ranks then read it
-        train_set = make_dataset(
+        train_set = _open_data(
             args.data,
             args.train_split,
             config["image_size"],
@@ -342,26 +482,42 @@ def _train(args, device: torch.device) -> Dict[str, Any]:
     _check_resumable(checkpoint_path, config)
     detector = build_detector(config, pretrained=pretrained)
     if args.init_from:  # a resumed run then loads its own checkpoint over these weights
-        copied = init_from_fcos(detector, a4_helper.read_checkpoint(args.init_from)["model"])
+        try:
+            copied = init_from_fcos(detector, init_state)
+        except (RuntimeError, ValueError) as error:
+            raise CommandError(f"--init-from {args.init_from}: {error}") from error
         if main:
             print(f"Initialised {len(copied)} tensors (backbone and first stage) from {args.init_from}.")
     if args.compile:
         a4_helper.compile_detector(detector)
     a4_helper.reset_seed(args.seed + distributed.rank())  # each rank its own random draws (e.g. anchor sampling)
     loader = _train_loader(train_set, config["batch_size"], workers=args.workers, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)  # only now: a refused run writes nothing
     start = time.perf_counter()
-    history = a4_helper.train_detector(
-        detector,
-        loader,
-        learning_rate=config["lr"],
-        max_iters=config["iters"],
-        log_period=args.log_period,
-        device=device,
-        checkpoint_path=checkpoint_path,
-        grad_clip=args.grad_clip or None,
-        metadata={"config": config},
-        optimizer=config["optimizer"],
-    )
+    try:
+        history = a4_helper.train_detector(
+            detector,
+            loader,
+            learning_rate=config["lr"],
+            max_iters=config["iters"],
+            log_period=args.log_period,
+            device=device,
+            checkpoint_path=checkpoint_path,
+            grad_clip=args.grad_clip or None,
+            metadata={"config": config},
+            optimizer=config["optimizer"],
+        )
+    except a4_helper.NonFiniteLossError as error:
+        bad = ", ".join(f"{name} {value}" for name, value in error.values.items() if not math.isfinite(value))
+        kept = (
+            f"the last good checkpoint, {checkpoint_path} (iteration {error.last_saved}), is kept"
+            if error.last_saved is not None
+            else "no checkpoint had been written yet"
+        )
+        raise CommandError(
+            f"training stopped at iteration {error.iteration}: the loss is not finite ({bad}); {kept}. Train "
+            f"again with a lower --lr than {config['lr']:g} or a smaller --grad-clip, with another --out."
+        ) from error
     train_seconds = time.perf_counter() - start
     if not main:
         return {"final_loss": history["total"][-1], "train_seconds": train_seconds}
@@ -390,11 +546,13 @@ def load_detector(checkpoint_path: str) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 def cmd_eval(args) -> Dict[str, Any]:
-    detector, config = load_detector(args.checkpoint)
+    checkpoint = _checkpoint_file(args.checkpoint, "--checkpoint")
+    detector, config = _load_checkpoint_arg(checkpoint, "--checkpoint")
     if args.data:
         config["data"] = args.data
-    out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out_dir, exist_ok=True)
+    if args.proposals and not hasattr(detector, "rpn"):
+        raise CommandError(f"--proposals needs a two-stage detector; {checkpoint} holds a {config['model']}.")
+    out_dir = args.out or os.path.dirname(os.path.abspath(checkpoint))
     metrics = _evaluate(detector, config, args, out_dir)
     if args.proposals:
         metrics["proposals"] = _evaluate_proposals(detector, config, args, out_dir)
@@ -407,8 +565,8 @@ def _evaluate_proposals(detector, config, args, out_dir: str, max_proposals=(10,
     """Average recall of the first stage's proposals (up to 300 per image) on the held-out split;
     prints AR@N and draws recall against IoU into out_dir/proposal_recall.png."""
     if not hasattr(detector, "rpn"):
-        raise SystemExit("--proposals needs a two-stage detector (--model faster_rcnn).")
-    dataset = make_dataset(
+        raise ValueError("Proposals need a two-stage detector (--model faster_rcnn).")
+    dataset = _open_data(
         config["data"], args.eval_split, config["image_size"], args.data_dir, config.get("eval_images"), args.download
     )
     device = _resolve_device(args.device)
@@ -436,25 +594,55 @@ def _evaluate_proposals(detector, config, args, out_dir: str, max_proposals=(10,
 
 
 def cmd_predict(args) -> List[Dict[str, Any]]:
-    detector, config = load_detector(args.checkpoint)
+    """Detections on whole photos, in each photo's own pixels (see ``photos``): one JSON line per photo;
+    with ``--out``, also predictions.json and one picture per photo with its detections drawn."""
+    detector, config = _load_checkpoint_arg(args.checkpoint, "--checkpoint")
+    try:
+        paths = photos.find_photos(args.images)
+        for path in paths:  # a file that is no image fails here, cheaply, before any work
+            photos.check_photo(path)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"{error} Pass image files or folders of them.") from error
+    short_side = args.size or config["image_size"]
+    max_side = args.max_size or 2 * short_side
     device = _resolve_device(args.device)
     detector.to(device).eval()
     names = config["idx_to_class"]
+    with torch.inference_mode():
+        predictions = photos.predict_photos(
+            detector, paths, short_side, max_side, args.score_thresh, args.nms_thresh, args.batch_size, device
+        )
     results = []
-    for path in args.images:
-        image = a4_helper.load_image(path, config["image_size"])
-        with torch.inference_mode():
-            prediction = detector.predict(image[None].to(device), args.score_thresh, args.nms_thresh)[0]
+    for prediction in predictions:
+        rows = zip(prediction["boxes"].tolist(), prediction["labels"].tolist(), prediction["scores"].tolist())
         detections = [
-            {"class": names[int(label)], "score": round(float(score), 4), "box": [round(v, 1) for v in box.tolist()]}
-            for box, label, score in zip(prediction["boxes"], prediction["labels"], prediction["scores"])
+            {"class": names[int(label)], "score": round(score, 4), "box": [round(v, 1) for v in box]}
+            for box, label, score in rows
         ]
-        results.append({"image": path, "detections": detections})
+        results.append(
+            {
+                "image": prediction["path"],
+                "width": prediction["width"],
+                "height": prediction["height"],
+                "detections": detections,
+            }
+        )
         print(json.dumps(results[-1]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        taken = set()
+        for result, prediction in zip(results, predictions):
+            stem = os.path.splitext(os.path.basename(result["image"]))[0]
+            name, copy = f"{stem}.jpg", 1
+            while name in taken:  # photos of the same name from different folders
+                copy += 1
+                name = f"{stem}_{copy}.jpg"
+            taken.add(name)
+            result["picture"] = name
+            photos.draw_detections(result["image"], prediction, names).save(os.path.join(args.out, name), quality=90)
         with open(os.path.join(args.out, "predictions.json"), "w") as file:
             json.dump(results, file, indent=2)
+        print(f"Wrote {args.out}/predictions.json and {len(results)} pictures.")
     return results
 
 
@@ -463,18 +651,22 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download VOC 2007 into --data-dir if missing")
     parser.add_argument("--eval-split", default="val", help="held-out split to evaluate on (default: val)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    parser.add_argument("--workers", type=nonnegative_int, default=0, help="data loader worker processes (default: 0)")
     parser.add_argument(
         "--cache",
         action=argparse.BooleanOptionalAction,
         help="read images from a uint8 cache in DATA_DIR/cache, built on first use (default: on for voc2007)",
     )
     parser.add_argument(
-        "--score-thresh", type=float, default=SCORE_THRESH, help=f"score threshold for detections ({SCORE_THRESH})"
+        "--score-thresh",
+        type=probability,
+        default=SCORE_THRESH,
+        help=f"score threshold for detections ({SCORE_THRESH})",
     )
     parser.add_argument(
-        "--nms-thresh", type=float, default=NMS_THRESH, help=f"IoU threshold of class-specific NMS ({NMS_THRESH})"
+        "--nms-thresh", type=probability, default=NMS_THRESH, help=f"IoU threshold of class-specific NMS ({NMS_THRESH})"
     )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,16 +684,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", choices=sorted(RECIPES), default="synthetic", help="data set (default: synthetic)")
     train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
-    train.add_argument("--iters", type=int, help="training iterations (recipe default)")
+    train.add_argument("--iters", type=positive_int, help="training iterations (recipe default)")
     train.add_argument(
-        "--batch-size", type=int, help="images per batch, over all processes under torchrun (recipe default)"
+        "--batch-size", type=positive_int, help="images per batch, over all processes under torchrun (recipe default)"
     )
-    train.add_argument("--image-size", type=int, help="side of the square input images (recipe default)")
-    train.add_argument("--fpn-channels", type=int, help="FPN channels (recipe default)")
+    train.add_argument(
+        "--image-size", type=image_side, help="side of the square input images, a multiple of 32 (recipe default)"
+    )
+    train.add_argument("--fpn-channels", type=positive_int, help="FPN channels (recipe default)")
     train.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer (recipe default)")
-    train.add_argument("--lr", type=float, help="peak learning rate (recipe default)")
-    train.add_argument("--train-images", type=int, help="synthetic training images (recipe default)")
-    train.add_argument("--eval-images", type=int, help="synthetic held-out images (recipe default)")
+    train.add_argument("--lr", type=positive_float, help="peak learning rate (recipe default)")
+    train.add_argument("--train-images", type=positive_int, help="synthetic training images (recipe default)")
+    train.add_argument("--eval-images", type=positive_int, help="synthetic held-out images (recipe default)")
     train.add_argument("--train-split", default="train", help="split to train on (default: train)")
     train.add_argument(
         "--weights",
@@ -516,11 +710,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", help="start faster_rcnn's backbone and FCOS first stage from an FCOS checkpoint")
     train.add_argument(
         "--grad-clip",
-        type=float,
+        type=nonnegative_float,
         default=a4_helper.GRAD_CLIP,
         help=f"clip the global gradient norm to this value; 0 does not clip (default: {a4_helper.GRAD_CLIP:g})",
     )
-    train.add_argument("--log-period", type=int, default=20, help="iterations between logs and checkpoints")
+    train.add_argument(
+        "--log-period", type=positive_int, default=20, help="iterations between logs and checkpoints (default: 20)"
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument(
         "--compile", action="store_true", help="torch.compile the backbone and heads (slow start, faster steps)"
@@ -538,18 +734,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = commands.add_parser("predict", help="detect objects in image files")
-    predict.add_argument("--checkpoint", required=True, help="path of checkpoint.pt")
-    predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--out", help="folder for predictions.json (default: print only)")
+    predict = commands.add_parser("predict", help="detect objects in whole photos; boxes in each photo's own pixels")
+    predict.add_argument("--checkpoint", required=True, help="path of checkpoint.pt (or the folder that holds it)")
+    predict.add_argument("images", nargs="+", help="image files, or folders of them")
+    predict.add_argument(
+        "--out", help="folder for predictions.json and one picture per photo with its detections (default: print only)"
+    )
+    predict.add_argument("--batch-size", type=positive_int, default=8, help="photos per batch (default: 8)")
+    predict.add_argument(
+        "--size", type=positive_int, help="short side of a photo at the network's input (default: the training size)"
+    )
+    predict.add_argument(
+        "--max-size", type=positive_int, help="largest long side at the network's input (default: twice --size)"
+    )
     _add_common_options(predict)
     predict.set_defaults(func=cmd_predict, score_thresh=0.3)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None):
+    """Run one command. A ``CommandError``, or an ``OSError`` (a file that cannot be read or written),
+    ends it with ``SystemExit("detect.py COMMAND: error: ...")``: one line on stderr, exit status 1;
+    with ``--debug`` the exception itself propagates, with its traceback."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CommandError, OSError) as error:
+        if args.debug:
+            raise
+        raise SystemExit(f"detect.py {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":
