@@ -8,7 +8,7 @@ detector's own batched ``predict`` (the one place where network outputs become b
 boxes back to each photo's own pixels, clipped to the photo. ``draw_detections`` draws them on the
 original photo at its full resolution.
 
-Imports: ``a4_helper`` (normalisation, class colours) and torch / PIL only.
+Imports: ``detection_data`` (normalisation), ``drawing`` (class colours), torch and PIL.
 """
 
 import os
@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from a4_helper import _class_colour, normalize_image
+from detection_data import normalize_image
+from drawing import _class_colour
 
 PathLike = Union[str, os.PathLike]
 

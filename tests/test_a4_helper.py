@@ -21,6 +21,8 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 import a4_helper
+import detection_data
+import training
 from a4_helper import (
     SYNTHETIC_CLASSES,
     SyntheticDetection,
@@ -266,7 +268,7 @@ def test_synthetic_item_format(image_size):
 
 def test_synthetic_boxes_are_tight_around_visible_pixels():
     for seed in range(20):
-        _, gt_boxes, owner = a4_helper._draw_scene(96, torch.Generator().manual_seed(seed))
+        _, gt_boxes, owner = detection_data._draw_scene(96, torch.Generator().manual_seed(seed))
         extents = set()
         for k in owner.unique()[1:].tolist():  # skip the background (-1)
             ys, xs = torch.nonzero(owner == k, as_tuple=True)
@@ -591,7 +593,7 @@ def _train(detector, loader, checkpoint_path=None, max_iters=12, **kwargs):
 
 
 def test_lr_schedule_warms_up_then_steps_at_60_and_90_percent():
-    factor = a4_helper._lr_factor
+    factor = training._lr_factor
     # warm-up over 4 iterations: (i + 1) / 4; steps at 0.6 * 100 = 60 and 0.9 * 100 = 90.
     assert [factor(i, 100, 4) for i in (0, 1, 3, 59)] == [0.25, 0.5, 1.0, 1.0]
     assert factor(60, 100, 4) == pytest.approx(0.1) and factor(89, 100, 4) == pytest.approx(0.1)
@@ -678,7 +680,7 @@ def test_finished_checkpoint_returns_its_history_without_training(tmp_path):
 
 
 def test_amp_setting_is_checked():
-    assert a4_helper._autocast_dtype("auto", torch.device("cpu")) is None
+    assert training._autocast_dtype("auto", torch.device("cpu")) is None
     with pytest.raises(ValueError, match="amp"):
         _train(TinyDetector(), _loader(), max_iters=1, amp="int8")
 

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 import a4_helper
 import detect
+import detection_data
 from common import DetectorBackboneWithFPN
 from one_stage_detector import FCOS
 from two_stage_detector import RPN, FasterRCNN
@@ -76,7 +77,7 @@ def test_uint8_batches_train_and_evaluate_like_float_batches(model):
     items = [source[i] for i in range(4)]
     ids = [item[0] for item in items]
     gt_boxes = torch.stack([item[2] for item in items])
-    uint8 = torch.stack([a4_helper._to_uint8(item[1]) for item in items])  # as the cache stores them
+    uint8 = torch.stack([detection_data._to_uint8(item[1]) for item in items])  # as the cache stores them
     floats = a4_helper.normalize_image(uint8)
     assert torch.equal(a4_helper.prepare_images(uint8, "cpu"), floats)
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 import a4_helper
 import detect
+import training
 from a4_helper import VOC2007DetectionTiny, read_checkpoint, train_detector
 from common import FPN_STRIDES, DetectorBackboneWithFPN, get_fpn_location_coords
 from one_stage_detector import FCOS, fcos_match_locations_to_gt
@@ -187,7 +188,7 @@ _TINY_COMMAND = (
 
 def test_rerunning_a_killed_training_command_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     detect.main([*_TINY_COMMAND, "--out", str(tmp_path / "whole")])
-    forward, calls = a4_helper._forward, []
+    forward, calls = training._forward, []
 
     def killed_in_iteration_3(*args):
         calls.append(1)
@@ -197,7 +198,7 @@ def test_rerunning_a_killed_training_command_ends_with_the_uninterrupted_weights
 
     killed = tmp_path / "killed"
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(a4_helper, "_forward", killed_in_iteration_3)
+        patch.setattr(training, "_forward", killed_in_iteration_3)
         detect.main([*_TINY_COMMAND, "--out", str(killed)])
     assert read_checkpoint(killed / "checkpoint.pt")["iteration"] == 2
     detect.main([*_TINY_COMMAND, "--out", str(killed)])  # the same command again

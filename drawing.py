@@ -1,0 +1,129 @@
+"""Pictures: ground truth and predictions drawn on an image, and the loss curves of a training run.
+
+matplotlib is imported on first use, so that the rest of the project runs without a display.
+Imports: ``detection_data`` (to undo the normalisation) and matplotlib.
+"""
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from detection_data import PathLike, _to_numpy, denormalize_image
+
+
+def _pyplot():
+    """matplotlib.pyplot, imported on first use; without a display matplotlib falls back to Agg."""
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _show(figure) -> None:
+    """Show a figure where a display exists; in a headless run (Agg) just release it."""
+    plt = _pyplot()
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        plt.close(figure)
+    else:
+        plt.show()
+
+
+def _class_colour(label: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](int(label) % 20)
+
+
+def _prediction_rows(pred: Any) -> np.ndarray:
+    """A ``predict`` dict or (N, 6) rows -> (N, 6) array ``(x1, y1, x2, y2, C, score)``."""
+    if isinstance(pred, Mapping):
+        boxes = _to_numpy(pred["boxes"]).reshape(-1, 4)
+        return np.concatenate([boxes, _to_numpy(pred["labels"])[:, None], _to_numpy(pred["scores"])[:, None]], 1)
+    return _to_numpy(pred).reshape(-1, 6)
+
+
+def _draw_box(ax, row: np.ndarray, text: str, dashed: bool) -> None:
+    from matplotlib.patches import Rectangle
+
+    x1, y1, x2, y2, label = row[:5]
+    colour = _class_colour(label)
+    linestyle = "--" if dashed else "-"
+    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, linestyle=linestyle))
+    ax.text(
+        x1,
+        y1,
+        text,
+        fontsize=8,
+        color="black",
+        verticalalignment="bottom",
+        bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"},
+        clip_on=True,
+    )
+
+
+def detection_visualizer(
+    img: Any,
+    idx_to_class: Mapping[int, str],
+    bbox: Any = None,
+    pred: Any = None,
+    points: Any = None,
+    ax: Any = None,
+):
+    """Draw an image with its ground truth (solid boxes) and predictions (dashed, with scores).
+
+    Args:
+        img: (3, H, W) ImageNet-normalised tensor, or an (H, W, 3) uint8 / [0, 1] float array.
+        idx_to_class: {class index: name}.
+        bbox: ground truth (M, 5) rows ``(x1, y1, x2, y2, C)``; padding rows (C < 0) are skipped.
+        pred: a ``predict`` dict ``{"boxes", "labels", "scores"}`` or (N, 6) rows
+            ``(x1, y1, x2, y2, C, score)``.
+        points: (P, 2) ``(x, y)`` points to mark, e.g. FPN locations.
+        ax: matplotlib axes to draw into; a new figure when ``None``.
+    Returns:
+        The matplotlib figure (not shown; notebooks display it, scripts may save it).
+    """
+    if torch.is_tensor(img) and img.dim() == 3 and img.shape[0] == 3:
+        img = denormalize_image(img)
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(5, 5))
+    img = _to_numpy(img) if torch.is_tensor(img) else img
+    # extent puts pixel j over [j, j + 1], the continuous coordinates that boxes use.
+    ax.imshow(img, extent=(0, img.shape[1], img.shape[0], 0))
+    ax.axis("off")
+    if bbox is not None:
+        bbox = _to_numpy(bbox)
+        for row in bbox.reshape(-1, bbox.shape[-1]):
+            if row[4] >= 0:
+                _draw_box(ax, row, idx_to_class[int(row[4])], dashed=False)
+    if pred is not None:
+        for row in _prediction_rows(pred):
+            _draw_box(ax, row, f"{idx_to_class[int(row[4])]} {row[5]:.2f}", dashed=True)
+    if points is not None:
+        points = _to_numpy(points).reshape(-1, 2)
+        ax.scatter(points[:, 0], points[:, 1], s=6, c="white", edgecolors="black", linewidths=0.5)
+    ax.set_xlim(0, img.shape[1])  # the view is the image, whatever lies outside it
+    ax.set_ylim(img.shape[0], 0)
+    return ax.figure
+
+
+def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[PathLike] = None):
+    """Plot one curve per loss term (and the total) against the iteration.
+
+    Args:
+        history: ``train_detector``'s return value, {name: per-iteration values}.
+        path: save the figure there too (any format matplotlib knows, e.g. ``.png``).
+    Returns:
+        The matplotlib figure.
+    """
+    figure, ax = _pyplot().subplots(figsize=(7, 4))
+    for name, values in history.items():
+        style = "--" if name.startswith("metric_") else "-"  # the first stage's error and MAE, not losses
+        ax.plot(np.arange(1, len(values) + 1), values, style, label=name, linewidth=2 if name == "total" else 1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("Training losses")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if path is not None:
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+    return figure
