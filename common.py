@@ -10,7 +10,8 @@ Ground truth
     a float. A batch: ``(B, M, 5)``. Padding rows are all ``-1``; the datasets pad to ``M = 40``.
 Sentinels
     A location or anchor matched to background gets the row ``(-1, -1, -1, -1, -1)``. An anchor that
-    R-CNN matching ignores ("neutral") gets all five values ``-1e8``.
+    R-CNN matching ignores ("neutral") gets all five values ``-1e8``. Both live here once, as
+    ``BACKGROUND`` and ``NEUTRAL``, with their predicates ``is_background`` and ``is_matched``.
 FPN levels
     ``"p3", "p4", "p5"`` with strides 8, 16, 32. A 224 x 224 image has 28*28 + 14*14 + 7*7 = 1029
     locations.
@@ -41,6 +42,9 @@ from torchvision.models import feature_extraction
 TensorDict = Dict[str, torch.Tensor]
 
 FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+
+BACKGROUND = -1.0  # every value of the matched row of a background location, anchor or proposal
+NEUTRAL = -1e8  # every value of the matched row of an anchor that R-CNN matching ignores
 
 # RegNetX-400MF stages that give c3, c4, c5 (strides 8, 16, 32) and their widths.
 _TRUNK_NODES = {"trunk_output.block2": "c3", "trunk_output.block3": "c4", "trunk_output.block4": "c5"}
@@ -200,6 +204,21 @@ def check_gt_classes(gt_boxes: torch.Tensor, num_classes: int) -> None:
             f"Ground-truth class label {labels[bad][0].item():g} is outside 0..{num_classes - 1} "
             f"(num_classes K = {num_classes}); padding rows must be all -1."
         )
+
+
+def is_background(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4 | 5) -> (...) True for background rows, whose coordinates are all ``BACKGROUND``
+    (FCOS's background deltas are all ``BACKGROUND`` too)."""
+    return (gt_boxes[..., :4] == BACKGROUND).all(dim=-1)
+
+
+def is_matched(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4 | 5) -> (...) False for background and neutral rows: a class >= 0 when the rows have one,
+    otherwise coordinates that are not all ``BACKGROUND`` and not all ``NEUTRAL``."""
+    if gt_boxes.shape[-1] == 5:
+        return gt_boxes[..., 4] >= 0
+    coords = gt_boxes[..., :4]
+    return ~(is_background(coords) | (coords == NEUTRAL).all(dim=-1))
 
 
 def get_fpn_location_coords(

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from common import (
+    BACKGROUND,
     FPN_STRIDES,
     NMS_THRESH,
     SCORE_THRESH,
@@ -24,6 +25,7 @@ from common import (
     clip_boxes_to_image,
     conv_stem,
     fpn_locations_of,
+    is_background,
 )
 from distributed import mean_over_ranks
 
@@ -141,10 +143,10 @@ def fcos_match_locations_to_gt(
     single_image = gt_boxes.dim() == 2
     batched_gt = gt_boxes[None] if single_image else gt_boxes  # (B, M, 5)
     if batched_gt.shape[1] == 0:  # no rows at all: one padding row keeps the shapes simple
-        batched_gt = batched_gt.new_full((batched_gt.shape[0], 1, 5), -1.0)
+        batched_gt = batched_gt.new_full((batched_gt.shape[0], 1, 5), BACKGROUND)
     is_real = batched_gt[:, :, 4] >= 0  # (B, M)
     gt_area = (batched_gt[:, :, 2] - batched_gt[:, :, 0]) * (batched_gt[:, :, 3] - batched_gt[:, :, 1])
-    background = batched_gt.new_full((5,), -1.0)
+    background = batched_gt.new_full((5,), BACKGROUND)
 
     matched = {}
     for level_index, (level, locations) in enumerate(locations_per_fpn_level.items()):
@@ -175,11 +177,6 @@ def fcos_match_locations_to_gt(
     return matched
 
 
-def _is_background(gt_boxes: torch.Tensor) -> torch.Tensor:
-    """(N, 4 | 5) -> (N,) True for the background row of all -1."""
-    return (gt_boxes[:, :4] == -1).all(dim=1)
-
-
 def fcos_get_deltas_from_locations(locations: torch.Tensor, gt_boxes: torch.Tensor, stride: int) -> torch.Tensor:
     """LTRB distances from each location to the sides of its box, divided by the stride (FCOS eq. 1).
 
@@ -192,7 +189,7 @@ def fcos_get_deltas_from_locations(locations: torch.Tensor, gt_boxes: torch.Tens
     deltas = (
         torch.stack([x - gt_boxes[:, 0], y - gt_boxes[:, 1], gt_boxes[:, 2] - x, gt_boxes[:, 3] - y], dim=1) / stride
     )
-    return deltas.masked_fill(_is_background(gt_boxes)[:, None], -1.0)
+    return deltas.masked_fill(is_background(gt_boxes)[:, None], BACKGROUND)
 
 
 def fcos_apply_deltas_to_locations(deltas: torch.Tensor, locations: torch.Tensor, stride: int) -> torch.Tensor:
@@ -224,7 +221,7 @@ def fcos_make_centerness_targets(deltas: torch.Tensor) -> torch.Tensor:
         min=torch.finfo(deltas.dtype).tiny
     )
     centerness = ratio.clamp(min=0).sqrt()
-    return centerness.masked_fill(_is_background(deltas), -1.0)
+    return centerness.masked_fill(is_background(deltas), BACKGROUND)
 
 
 def _ltrb_area(deltas: torch.Tensor) -> torch.Tensor:
@@ -347,6 +344,37 @@ def fcos_losses(
         "loss_box": loss_box,
         "loss_ctr": loss_ctr / num_foreground,
     }
+
+
+def fcos_level_candidates(
+    cls_logits: torch.Tensor,
+    boxreg_deltas: torch.Tensor,
+    ctr_logits: torch.Tensor,
+    locations: torch.Tensor,
+    stride: int,
+    image_size: Tuple[int, int],
+    topk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FCOS 3.3 on one level for the whole batch: the ``topk`` (location, class) pairs by
+    ``sqrt(class prob * centerness)``, with their boxes decoded and clipped to the image.
+
+    ``FCOS.predict`` calls it with K classes; ``two_stage_detector.FCOSProposalNetwork`` with its one
+    "object" class, to pick proposal candidates.
+
+    Args:
+        cls_logits: (B, HlWl, K); boxreg_deltas: (B, HlWl, 4); ctr_logits: (B, HlWl, 1);
+        locations: (HlWl, 2); stride: the level's stride; image_size: ``(H, W)``;
+        topk: pairs kept per image (fewer when the level has fewer).
+    Returns:
+        boxes (B, T, 4), labels (B, T) ``long``, scores (B, T), T = ``min(topk, HlWl * K)``, by decreasing score.
+    """
+    B, HlWl, K = cls_logits.shape
+    scores = torch.sqrt(cls_logits.sigmoid() * ctr_logits.sigmoid()).flatten(1)  # (B, HlWl*K)
+    top_scores, top_index = scores.topk(min(topk, HlWl * K), dim=1)
+    location_index, labels = top_index // K, top_index % K
+    deltas = torch.gather(boxreg_deltas, 1, location_index[..., None].expand(-1, -1, 4))
+    boxes = fcos_apply_deltas_to_locations(deltas.flatten(0, 1), locations[location_index.flatten()], stride)
+    return clip_boxes_to_image(boxes.view(B, -1, 4), image_size), labels, top_scores  # (B*T, 4) -> (B, T, 4)
 
 
 # The course's original FCOS: FCOS(num_classes, fpn_channels, stem_channels, **COURSE_FCOS).
@@ -512,13 +540,14 @@ class FCOS(nn.Module):
             {level: x.float() for level, x in output.items()} for output in head_outputs
         )
         candidates = [
-            self._level_candidates(
+            fcos_level_candidates(
                 class_logits[level],
                 boxreg_deltas[level],
                 centerness_logits[level],
                 locations[level],
                 self.backbone.fpn_strides[level],
                 (H, W),
+                self.topk_candidates,
             )
             for level in class_logits
         ]
@@ -530,21 +559,3 @@ class FCOS(nn.Module):
             boxes, scores, labels, image_ids, B, self.num_classes, nms_thresh, self.max_detections
         )
         return [{"boxes": boxes[part], "labels": labels[part], "scores": scores[part]} for part in parts]
-
-    def _level_candidates(self, cls_logits, box_deltas, ctr_logits, locations, stride, image_hw):
-        """Top-k (location, class) pairs of one level for the whole batch, with decoded boxes.
-
-        Args:
-            cls_logits (B, HlWl, K), box_deltas (B, HlWl, 4), ctr_logits (B, HlWl, 1), locations (HlWl, 2).
-        Returns:
-            boxes (B, T, 4), labels (B, T), scores (B, T).
-        """
-        B, HlWl, K = cls_logits.shape
-        scores = torch.sqrt(cls_logits.sigmoid() * ctr_logits.sigmoid()).flatten(1)  # (B, HlWl*K)
-        top_scores, top_index = scores.topk(min(self.topk_candidates, HlWl * K), dim=1)
-        location_index, labels = top_index // K, top_index % K
-        deltas = torch.gather(box_deltas, 1, location_index[..., None].expand(-1, -1, 4))
-        boxes = fcos_apply_deltas_to_locations(deltas.flatten(0, 1), locations[location_index.flatten()], stride).view(
-            B, -1, 4
-        )
-        return clip_boxes_to_image(boxes, image_hw), labels, top_scores

@@ -7,6 +7,8 @@ from torch.testing import assert_close
 
 import common
 from common import (
+    BACKGROUND,
+    NEUTRAL,
     DetectorBackboneWithFPN,
     batched_class_nms,
     cat_across_fpn_levels,
@@ -15,6 +17,8 @@ from common import (
     fpn_locations_of,
     get_fpn_location_coords,
     iou,
+    is_background,
+    is_matched,
     nms,
 )
 
@@ -211,6 +215,17 @@ def test_clip_boxes_to_image_does_not_modify_input():
     clipped = clip_boxes_to_image(boxes, (100, 200))  # (H, W)
     assert clipped.tolist() == [[0.0, 3.0, 200.0, 100.0]]
     assert boxes.tolist() == [[-5.0, 3.0, 300.0, 120.0]]
+
+
+def test_sentinels_and_their_predicates():
+    assert (BACKGROUND, NEUTRAL) == (-1.0, -1e8)  # API.md: background rows all -1, neutral rows all -1e8
+    rows = torch.tensor([[0.0, 0, 10, 10, 2], [BACKGROUND] * 5, [NEUTRAL] * 5, [-1.0, 0, 5, 5, 0]])
+    assert is_background(rows).tolist() == [False, True, False, False]
+    assert is_matched(rows).tolist() == [True, False, False, True]
+    # Without a class column (boxes or deltas) the coordinates decide.
+    assert is_background(rows[:, :4]).tolist() == [False, True, False, False]
+    assert is_matched(rows[:, :4]).tolist() == [True, False, False, True]
+    assert is_background(rows[None]).shape == (1, 4)  # any leading dimensions
 
 
 def test_hello_common(capsys):

@@ -18,6 +18,7 @@ from one_stage_detector import (
     fcos_apply_deltas_to_locations,
     fcos_get_deltas_from_locations,
     fcos_giou_loss,
+    fcos_level_candidates,
     fcos_losses,
     fcos_make_centerness_targets,
     fcos_make_targets,
@@ -349,6 +350,25 @@ def test_predict_batch_and_inference_triple(small_fcos):
     assert boxes.shape[1] == 4 and classes.shape == scores.shape == (len(boxes),)
     with pytest.raises(ValueError, match="predict"):
         small_fcos(images)
+
+
+def test_level_candidates_hand_computed():
+    # Three p3 locations of a 16 x 16 image, K = 2, centerness logit 100 (probability 1), so each
+    # score is sqrt(class probability): loc 0 (0.5, 0.2), loc 1 (0.8, 0.3), loc 2 (0.1, 0.7).
+    probs = torch.tensor([[[0.25, 0.04], [0.64, 0.09], [0.01, 0.49]]])
+    locations = torch.tensor([[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]])
+    boxes, labels, scores = fcos_level_candidates(
+        torch.logit(probs), torch.ones(1, 3, 4), torch.full((1, 3, 1), 100.0), locations, 8, (16, 16), topk=3
+    )
+    assert_close(scores, torch.tensor([[0.8, 0.7, 0.5]]))
+    assert labels.tolist() == [[0, 1, 0]]
+    # Deltas of 1 stride: location +- 8 px, then clipped to the 16 x 16 image, e.g. (12, 4) -> (4, -4, 20, 12)
+    # -> (4, 0, 16, 12).
+    assert boxes.tolist() == [[[4.0, 0.0, 16.0, 12.0], [12.0, 0.0, 16.0, 12.0], [0.0, 0.0, 12.0, 12.0]]]
+    # topk past the level's HlWl * K = 6 pairs keeps all six.
+    assert fcos_level_candidates(
+        torch.logit(probs), torch.ones(1, 3, 4), torch.zeros(1, 3, 1), locations, 8, (16, 16), topk=100
+    )[0].shape == (1, 6, 4)
 
 
 def test_predict_respects_score_threshold(small_fcos):

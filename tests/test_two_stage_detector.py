@@ -57,6 +57,7 @@ def test_hello_and_iou_is_common_iou(capsys):
     tsd.hello_two_stage_detector()
     assert capsys.readouterr().out == "Hello from two_stage_detector.py!\n"
     assert tsd.iou is common.iou  # one definition, re-exported
+    assert (tsd.BACKGROUND, tsd.NEUTRAL) == (common.BACKGROUND, common.NEUTRAL)  # sentinels live in common
     boxes1 = torch.tensor([[10, 10, 90, 90], [20, 20, 40, 40], [60, 60, 80, 80]], dtype=torch.float)
     boxes2 = torch.tensor([[10, 10, 90, 90], [60, 60, 80, 80], [30, 30, 70, 70]], dtype=torch.float)
     # e.g. [20,20,40,40] vs [30,30,70,70]: 10*10 / (400 + 1600 - 100) = 1/19 = 0.052631579
@@ -490,57 +491,7 @@ def test_roi_features_and_targets_belong_to_their_own_box():
         assert_close(matched[r], rcnn_match_anchors_to_gt(own_box, gt[image], (0.5, 0.5))[0])
 
 
-def test_roi_align_hand_computed():
-    # A 2 x 2 map [[0, 1], [2, 3]]. The box (0, 0, 2, 2) covers it; aligned, its one sampling point
-    # is at the box centre, feature coordinates (0.5, 0.5): the mean of the four pixels, 1.5.
-    features = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
-    whole = tsd.roi_align(features, torch.tensor([[0.0, 0, 0, 2, 2]]), (1, 1), sampling_ratio=1)
-    assert_close(whole, torch.tensor([[[[1.5]]]]))
-    # 2 x 2 bins of the same box, one point each at the pixel centres (0, 0), (0, 1), (1, 0), (1, 1).
-    cells = tsd.roi_align(features, torch.tensor([[0.0, 0, 0, 2, 2]]), (2, 2), sampling_ratio=1)
-    assert_close(cells, features)
-    # Points past the last pixel centre read the last pixel; more than one pixel outside, nothing.
-    # Box (1, 0, 3, 2) has its points at x = 1.5 - 0.5 = 1 (pixel 1) and x = 2.5 - 0.5 = 2 (one pixel
-    # outside: pixel 1 alone), in rows 0 and 1; box (3, 0, 5, 2) at x = 3 and 4, outside: 0.
-    right = tsd.roi_align(features, torch.tensor([[0.0, 1, 0, 3, 2], [0.0, 3, 0, 5, 2]]), (2, 2), sampling_ratio=1)
-    assert_close(right[0, 0], torch.tensor([[1.0, 1.0], [3.0, 3.0]]))
-    assert_close(right[1], torch.zeros(1, 2, 2))
-
-
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
-def test_roi_align_equals_torchvision_values_and_gradients(aligned, sampling_ratio):
-    torch.manual_seed(0)
-    features = torch.randn(3, 5, 9, 13, dtype=torch.float64, requires_grad=True)
-    corner = torch.rand(60, 2, dtype=torch.float64) * 140 - 30  # some boxes reach past the border
-    size = torch.rand(60, 2, dtype=torch.float64) * 80
-    size[:5] = 0  # degenerate boxes
-    rois = torch.cat([torch.randint(0, 3, (60, 1)).double(), corner, corner + size], dim=1)
-    args = ((7, 5), 1 / 8, sampling_ratio, aligned)
-    ours, theirs = tsd.roi_align(features, rois, *args), torchvision_roi_align(features, rois, *args)
-    assert ours.shape == (60, 5, 7, 5)
-    assert_close(ours, theirs)
-    grad_out = torch.randn_like(ours)
-    (our_grad,) = torch.autograd.grad(ours, features, grad_out)
-    (their_grad,) = torch.autograd.grad(theirs, features, grad_out)
-    assert_close(our_grad, their_grad)
-
-
-def test_roi_align_edge_cases():
-    torch.manual_seed(0)
-    features = torch.randn(2, 4, 6, 6)
-    assert tsd.roi_align(features, torch.zeros(0, 5), (7, 7)).shape == (0, 4, 7, 7)
-    channels_last = features.contiguous(memory_format=torch.channels_last)
-    rois = torch.tensor([[1.0, 3, 5, 40, 30]])
-    assert_close(tsd.roi_align(channels_last, rois, (3, 3), 0.125), tsd.roi_align(features, rois, (3, 3), 0.125))
-    # bf16 features (mixed precision) are summed in float32: the result is the exact one rounded to
-    # bf16, give or take one bf16 step (2^-7 relative) where float32 summation order tips a rounding.
-    half = tsd.roi_align(features.bfloat16(), rois, (3, 3), 0.125)
-    assert half.dtype == torch.bfloat16
-    exact = torchvision_roi_align(features.bfloat16().float(), rois, (3, 3), 0.125, 2, True)
-    assert_close(half.float(), exact, rtol=2**-7, atol=1e-6)
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        tsd.roi_align(features, rois, (7, 7), sampling_ratio=0)
+def test_faster_rcnn_rejects_a_roi_sampling_ratio_below_1():
     with pytest.raises(ValueError, match="roi_sampling_ratio"):
         FasterRCNN(_StubBackbone(), RPN(4, [], 8), num_classes=3, stem_channels=[], roi_sampling_ratio=-1)
 
