@@ -18,12 +18,13 @@ file or value and the flag that fixes it: exit status 2 for a bad option (argpar
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,35 +33,17 @@ import a4_helper
 import distributed
 import photos
 from common import NMS_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
-from one_stage_detector import COURSE_FCOS, FCOS
-from two_stage_detector import (
-    COURSE_FASTER_RCNN,
-    COURSE_RPN,
-    RPN,
-    FasterRCNN,
-    FCOSProposalNetwork,
-    FirstStage,
-    init_from_fcos,
+from experiment import (  # noqa: F401  (build_detector, load_detector, make_dataset: also detect.X, as before)
+    CACHED_BY_DEFAULT,
+    RECIPES,
+    RunConfig,
+    build_detector,
+    load_detector,
+    make_dataset,
 )
+from one_stage_detector import FCOS  # noqa: F401  (detect.FCOS, as before)
+from two_stage_detector import RPN, FCOSProposalNetwork, FirstStage, init_from_fcos  # noqa: F401
 
-# Defaults of each data set's recipe; any command-line option overrides its entry.
-RECIPES = {
-    # Sized for about five minutes on two CPU cores, starting from random weights.
-    # AdamW, because SGD barely moves a randomly initialised backbone in so few iterations.
-    "synthetic": dict(
-        image_size=128,
-        batch_size=8,
-        iters=700,
-        fpn_channels=64,
-        optimizer="adamw",
-        lr=1e-3,
-        train_images=512,
-        eval_images=128,
-    ),
-    # The course's standard recipe: 224 px, batch 16, FPN 128, 9000 iterations (a GPU run).
-    # The preprocessed uint8 cache keeps a GPU fed (JPEG decoding would be the bottleneck).
-    "voc2007": dict(image_size=224, batch_size=16, iters=9000, fpn_channels=128, optimizer="sgd", lr=8e-3, cache=True),
-}
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -170,86 +153,6 @@ def _resolve_weights(weights: str):
     return True
 
 
-# Faster R-CNN's first stage when --first-stage is not given: FCOS's head proposes better boxes than the
-# anchor RPN (README, Accuracy), the course teaches the RPN.
-DEFAULT_FIRST_STAGE = {"improved": "fcos", "course": "rpn"}
-
-
-def build_detector(config: Dict[str, Any], pretrained=False) -> nn.Module:
-    """The detector that ``config`` (stored in every checkpoint) describes, with the course's sizes.
-
-    ``config["variant"]`` is ``"improved"`` (the constructors' defaults: what learned best on
-    ``benchmarks/bench_accuracy_vs_torchvision.py``) or ``"course"`` (the course's original rules,
-    ``COURSE_FCOS``, ``COURSE_RPN``, ``COURSE_FASTER_RCNN``). Checkpoints written before the variant
-    existed have no such entry and hold course detectors. ``config["first_stage"]`` (Faster R-CNN) is
-    ``"rpn"`` or ``"fcos"``; ``train`` always writes it, and a config without it means the RPN.
-    """
-    fpn_channels, num_classes = config["fpn_channels"], config["num_classes"]
-    stem_channels = [fpn_channels, fpn_channels]
-    course = config.get("variant", "course") == "course"
-    if config["model"] == "fcos":
-        return FCOS(num_classes, fpn_channels, stem_channels, pretrained=pretrained, **(COURSE_FCOS if course else {}))
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained)
-    proposal_counts = dict(pre_nms_topk=400, post_nms_topk=80)
-    if config.get("first_stage", "rpn") == "fcos":
-        first_stage_options = {**COURSE_FCOS, "nms_per_level": False} if course else {}
-        rpn = FCOSProposalNetwork(fpn_channels, stem_channels, **proposal_counts, **first_stage_options)
-    else:
-        rpn_options = COURSE_RPN if course else {}
-        rpn = RPN(fpn_channels, stem_channels, batch_size_per_image=16, **proposal_counts, **rpn_options)
-    return FasterRCNN(
-        backbone,
-        rpn,
-        num_classes,
-        roi_size=(7, 7),
-        stem_channels=stem_channels,
-        batch_size_per_image=32,
-        **(COURSE_FASTER_RCNN if course else {}),
-    )
-
-
-def make_dataset(
-    data: str,
-    split: str,
-    image_size: int,
-    data_dir: str,
-    num_images: Optional[int],
-    download=False,
-    training=False,
-    cache=False,
-    workers: int = 0,
-    return_difficult=False,
-):
-    """The synthetic set (``num_images`` of them) or VOC 2007 (all images of ``split``).
-
-    For training, VOC images that cannot be read are skipped with a warning, so that one bad file does
-    not end a run hours in; evaluation stays strict, since a replacement would count an image twice.
-    ``return_difficult`` keeps VOC's difficult objects, flagged in a fourth item entry, so that an
-    evaluation ignores them as the VOC devkit does; training leaves them out (the synthetic set has none).
-    With ``cache``, the images come from a ``a4_helper.PreprocessedCache`` in ``data_dir/cache``
-    (built on first use), so that a GPU does not wait for JPEG decoding.
-    """
-    if data == "synthetic":
-        dataset = a4_helper.SyntheticDetection(split, num_images=num_images, image_size=image_size)
-        key = f"synthetic seed {dataset.seed}"
-    else:
-        dataset = a4_helper.VOC2007DetectionTiny(
-            data_dir,
-            split=split,
-            download=download,
-            image_size=image_size,
-            return_difficult=return_difficult,
-            skip_bad_images=training,
-        )
-        # Part of the key and the name, so that a cache without the flags never stands in for one with them.
-        key = f"VOC2007 {os.path.abspath(data_dir)} return_difficult={return_difficult}"
-    if not cache:
-        return dataset
-    difficult = "_difficult" if data != "synthetic" and return_difficult else ""
-    path = os.path.join(data_dir, "cache", f"{data}_{split}{difficult}_{image_size}px_{len(dataset)}.pt")
-    return a4_helper.PreprocessedCache(dataset, path, source_key=f"{key} {split}", workers=workers)
-
-
 def _open_data(data: str, split: str, image_size: int, data_dir: str, *args, **kwargs):
     """``make_dataset`` for a command: a missing VOC 2007 becomes a ``CommandError`` naming the flags."""
     try:
@@ -336,17 +239,17 @@ def _train_loader(dataset, batch_size: int, workers: int, seed: int):
 def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
     """mAP on the held-out split; writes metrics.json and a picture of predictions into out_dir."""
     dataset = _open_data(
-        config["data"],
+        config.data,
         args.eval_split,
-        config["image_size"],
+        config.image_size,
         args.data_dir,
-        config.get("eval_images"),
+        config.eval_images,
         args.download,
         cache=_use_cache(args, config),
         workers=args.workers,
         return_difficult=True,  # VOC's: detections of difficult objects count neither way
     )
-    loader = _loader(dataset, config["batch_size"], shuffle=False, workers=args.workers)
+    loader = _loader(dataset, config.batch_size, shuffle=False, workers=args.workers)
     device = _resolve_device(args.device)
     result = a4_helper.evaluate_detector(
         detector,
@@ -368,7 +271,7 @@ def _evaluate(detector, config, args, out_dir: str) -> Dict[str, Any]:
         "split": args.eval_split,
         "num_images": result["num_images"],
         "images_per_second": result["images_per_second"],
-        "config": config,
+        "config": config.to_dict(),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as file:
@@ -401,11 +304,11 @@ def _save_prediction_picture(detector, dataset, device, args, path: str, count: 
     plt.close(figure)
 
 
-def _use_cache(args, config: Dict[str, Any]) -> bool:
-    return RECIPES[config["data"]].get("cache", False) if getattr(args, "cache", None) is None else args.cache
+def _use_cache(args, config: RunConfig) -> bool:
+    return config.data in CACHED_BY_DEFAULT if getattr(args, "cache", None) is None else args.cache
 
 
-def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
+def _check_resumable(checkpoint_path: str, config: RunConfig) -> None:
     """A rerun resumes from ``checkpoint_path``; refuse one whose run had other settings."""
     if not os.path.exists(checkpoint_path):
         return
@@ -417,8 +320,10 @@ def _check_resumable(checkpoint_path: str, config: Dict[str, Any]) -> None:
             f"({_reason(error, checkpoint_path)}). It was left untouched; pass another --out, or delete that "
             "file to start over."
         ) from error
+    saved = RunConfig.from_dict(saved) if saved is not None else None
     if saved != config:
-        changed = sorted(key for key in config if saved is None or saved.get(key) != config[key])
+        fields = [field.name for field in dataclasses.fields(RunConfig)]
+        changed = [name for name in fields if saved is None or getattr(saved, name) != getattr(config, name)]
         raise CommandError(
             f"{checkpoint_path} holds a run with other settings ({', '.join(changed)} differ), so it cannot "
             "be resumed. Pass another --out, or delete that file to start over."
@@ -434,124 +339,121 @@ def cmd_train(args) -> Dict[str, Any]:
         return _train(args, device)
 
 
-def _train(args, device: torch.device) -> Dict[str, Any]:
-    """One process's training run. With several processes, each trains on ``batch_size / N`` images
-    of every global batch; rank 0 alone then plots, evaluates and writes ``metrics.json``, while the
-    other ranks return ``{"final_loss", "train_seconds"}``."""
-    recipe = RECIPES[args.data]
+_OVERRIDES = ("image_size", "batch_size", "fpn_channels", "iters", "optimizer", "lr", "train_images", "eval_images")
 
-    def option(name: str):  # the command line's value, else the recipe's
-        value = getattr(args, name)
-        return recipe.get(name) if value is None else value
 
-    config = {"model": args.model, "variant": args.variant, "data": args.data}
-    for name in ("image_size", "batch_size", "fpn_channels", "iters", "optimizer", "lr", "train_images", "eval_images"):
-        config[name] = option(name)
-    if args.model == "faster_rcnn":
-        config["first_stage"] = args.first_stage or DEFAULT_FIRST_STAGE[args.variant]
-    elif args.first_stage or args.init_from:
+def _config_from_args(args) -> RunConfig:
+    """The recipe of ``--data`` with the options given on the command line (classes still unknown)."""
+    if args.model != "faster_rcnn" and (args.first_stage or args.init_from):
         raise CommandError("--first-stage and --init-from apply to --model faster_rcnn only.")
-    if args.init_from:
-        config["init_from"] = args.init_from
-    world_size, main = distributed.world_size(), distributed.is_main_process()
-    if config["batch_size"] % world_size:
+    given = {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+    config = dataclasses.replace(
+        RECIPES[args.data], model=args.model, variant=args.variant, init_from=args.init_from, **given
+    )
+    if args.model == "faster_rcnn":  # stored resolved, so that a checkpoint says what it holds
+        config = dataclasses.replace(config, first_stage=config.resolved_first_stage)
+    world_size = distributed.world_size()
+    if config.batch_size % world_size:
         raise CommandError(
-            f"--batch-size {config['batch_size']} is the global batch of all {world_size} processes, so it must "
+            f"--batch-size {config.batch_size} is the global batch of all {world_size} processes, so it must "
             f"be divisible by {world_size}; pass a multiple of {world_size}."
         )
+    return config
+
+
+def _build_for_training(args, config: RunConfig, pretrained) -> nn.Module:
+    """The detector to train, started from ``--init-from``'s FCOS when given, compiled with ``--compile``."""
     if args.init_from:
         read_weights = lambda path: a4_helper.read_checkpoint(path)["model"]  # noqa: E731
         init_state = _load_checkpoint_arg(args.init_from, "--init-from", read_weights)
-    a4_helper.reset_seed(args.seed)
-    with distributed.rank_zero_first():  # rank 0 downloads what is missing, the other ranks then read it
-        train_set = _open_data(
-            args.data,
-            args.train_split,
-            config["image_size"],
-            args.data_dir,
-            config["train_images"],
-            args.download,
-            training=True,
-            cache=_use_cache(args, config),
-            workers=args.workers,
-        )
-        pretrained = _resolve_weights(args.weights)
-    config["num_classes"] = len(train_set.idx_to_class)
-    config["idx_to_class"] = train_set.idx_to_class
-    checkpoint_path = os.path.join(args.out, CHECKPOINT_NAME)
-    _check_resumable(checkpoint_path, config)
     detector = build_detector(config, pretrained=pretrained)
     if args.init_from:  # a resumed run then loads its own checkpoint over these weights
         try:
             copied = init_from_fcos(detector, init_state)
         except (RuntimeError, ValueError) as error:
             raise CommandError(f"--init-from {args.init_from}: {error}") from error
-        if main:
+        if distributed.is_main_process():
             print(f"Initialised {len(copied)} tensors (backbone and first stage) from {args.init_from}.")
     if args.compile:
         a4_helper.compile_detector(detector)
+    return detector
+
+
+def _non_finite_error(error: a4_helper.NonFiniteLossError, checkpoint_path: str, lr: float) -> CommandError:
+    bad = ", ".join(f"{name} {value}" for name, value in error.values.items() if not math.isfinite(value))
+    kept = (
+        f"the last good checkpoint, {checkpoint_path} (iteration {error.last_saved}), is kept"
+        if error.last_saved is not None
+        else "no checkpoint had been written yet"
+    )
+    return CommandError(
+        f"training stopped at iteration {error.iteration}: the loss is not finite ({bad}); {kept}. Train "
+        f"again with a lower --lr than {lr:g} or a smaller --grad-clip, with another --out."
+    )
+
+
+def _train(args, device: torch.device) -> Dict[str, Any]:
+    """One process's training run. With several processes, each trains on ``batch_size / N`` images
+    of every global batch; rank 0 alone then plots, evaluates and writes ``metrics.json``, while the
+    other ranks return ``{"final_loss", "train_seconds"}``."""
+    config = _config_from_args(args)
+    a4_helper.reset_seed(args.seed)
+    with distributed.rank_zero_first():  # rank 0 downloads what is missing, the other ranks then read it
+        train_set = _open_data(
+            config.data,
+            args.train_split,
+            config.image_size,
+            args.data_dir,
+            config.train_images,
+            args.download,
+            training=True,
+            cache=_use_cache(args, config),
+            workers=args.workers,
+        )
+        pretrained = _resolve_weights(args.weights)
+    classes = train_set.idx_to_class
+    config = dataclasses.replace(config, num_classes=len(classes), idx_to_class=dict(classes))
+    checkpoint_path = os.path.join(args.out, CHECKPOINT_NAME)
+    _check_resumable(checkpoint_path, config)
+    detector = _build_for_training(args, config, pretrained)
     a4_helper.reset_seed(args.seed + distributed.rank())  # each rank its own random draws (e.g. anchor sampling)
-    loader = _train_loader(train_set, config["batch_size"], workers=args.workers, seed=args.seed)
+    loader = _train_loader(train_set, config.batch_size, workers=args.workers, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)  # only now: a refused run writes nothing
     start = time.perf_counter()
     try:
         history = a4_helper.train_detector(
             detector,
             loader,
-            learning_rate=config["lr"],
-            max_iters=config["iters"],
+            learning_rate=config.lr,
+            max_iters=config.iters,
             log_period=args.log_period,
             device=device,
             checkpoint_path=checkpoint_path,
             grad_clip=args.grad_clip or None,
-            metadata={"config": config},
-            optimizer=config["optimizer"],
+            metadata={"config": config.to_dict()},
+            optimizer=config.optimizer,
         )
     except a4_helper.NonFiniteLossError as error:
-        bad = ", ".join(f"{name} {value}" for name, value in error.values.items() if not math.isfinite(value))
-        kept = (
-            f"the last good checkpoint, {checkpoint_path} (iteration {error.last_saved}), is kept"
-            if error.last_saved is not None
-            else "no checkpoint had been written yet"
-        )
-        raise CommandError(
-            f"training stopped at iteration {error.iteration}: the loss is not finite ({bad}); {kept}. Train "
-            f"again with a lower --lr than {config['lr']:g} or a smaller --grad-clip, with another --out."
-        ) from error
+        raise _non_finite_error(error, checkpoint_path, config.lr) from error
     train_seconds = time.perf_counter() - start
-    if not main:
+    if not distributed.is_main_process():
         return {"final_loss": history["total"][-1], "train_seconds": train_seconds}
     a4_helper.plot_loss_history(history, os.path.join(args.out, "losses.png"))
     metrics = _evaluate(detector, config, args, args.out)
-    metrics["train_seconds"] = train_seconds
-    metrics["final_loss"] = history["total"][-1]
+    metrics.update(train_seconds=train_seconds, final_loss=history["total"][-1])
     with open(os.path.join(args.out, "metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2)
     print(f"Training took {train_seconds:.0f} s; checkpoint: {checkpoint_path}")
     return metrics
 
 
-def load_detector(checkpoint_path: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild a detector from a checkpoint written by ``detect.py train``."""
-    checkpoint = a4_helper.read_checkpoint(checkpoint_path)
-    config = (checkpoint.get("metadata") or {}).get("config")
-    if config is None:
-        raise ValueError(
-            f"{checkpoint_path!r} holds no detector configuration; it was not written by 'detect.py train'."
-        )
-    config["idx_to_class"] = {int(k): v for k, v in config["idx_to_class"].items()}
-    detector = build_detector(config, pretrained=False)
-    detector.load_state_dict(checkpoint["model"])
-    return detector, config
-
-
 def cmd_eval(args) -> Dict[str, Any]:
     checkpoint = _checkpoint_file(args.checkpoint, "--checkpoint")
     detector, config = _load_checkpoint_arg(checkpoint, "--checkpoint")
     if args.data:
-        config["data"] = args.data
+        config = dataclasses.replace(config, data=args.data)
     if args.proposals and not hasattr(detector, "rpn"):
-        raise CommandError(f"--proposals needs a two-stage detector; {checkpoint} holds a {config['model']}.")
+        raise CommandError(f"--proposals needs a two-stage detector; {checkpoint} holds a {config.model}.")
     out_dir = args.out or os.path.dirname(os.path.abspath(checkpoint))
     metrics = _evaluate(detector, config, args, out_dir)
     if args.proposals:
@@ -567,7 +469,7 @@ def _evaluate_proposals(detector, config, args, out_dir: str, max_proposals=(10,
     if not hasattr(detector, "rpn"):
         raise ValueError("Proposals need a two-stage detector (--model faster_rcnn).")
     dataset = _open_data(
-        config["data"], args.eval_split, config["image_size"], args.data_dir, config.get("eval_images"), args.download
+        config.data, args.eval_split, config.image_size, args.data_dir, config.eval_images, args.download
     )
     device = _resolve_device(args.device)
     was_training = detector.rpn.training
@@ -576,7 +478,7 @@ def _evaluate_proposals(detector, config, args, out_dir: str, max_proposals=(10,
     proposals, ground_truths = [], []
     try:  # the detector's own count and mode come back, also on an error, for whoever uses it next
         with torch.inference_mode():
-            for batch in _loader(dataset, config["batch_size"], shuffle=False, workers=args.workers):
+            for batch in _loader(dataset, config.batch_size, shuffle=False, workers=args.workers):
                 _, images, gt_boxes = batch[:3]
                 proposals += [p.cpu() for p in first_stage(images.to(device))]
                 ground_truths += a4_helper.gt_boxes_to_targets(gt_boxes)
@@ -584,7 +486,7 @@ def _evaluate_proposals(detector, config, args, out_dir: str, max_proposals=(10,
         detector.rpn.post_nms_topk = post_nms_topk
         first_stage.train(was_training)
     result = a4_helper.proposal_recall(proposals, ground_truths, max_proposals=max_proposals)
-    name = config.get("first_stage", "rpn")
+    name = config.resolved_first_stage
     a4_helper.plot_proposal_recall({name: result}, 100, os.path.join(out_dir, "proposal_recall.png"))
     print(f"{name} proposals: " + ", ".join(f"AR@{n} {ar:.4f}" for n, ar in result["ar"].items()))
     summary = {f"ar_{n}": ar for n, ar in result["ar"].items()}
@@ -603,11 +505,11 @@ def cmd_predict(args) -> List[Dict[str, Any]]:
             photos.check_photo(path)
     except (OSError, ValueError) as error:
         raise CommandError(f"{error} Pass image files or folders of them.") from error
-    short_side = args.size or config["image_size"]
+    short_side = args.size or config.image_size
     max_side = args.max_size or 2 * short_side
     device = _resolve_device(args.device)
     detector.to(device).eval()
-    names = config["idx_to_class"]
+    names = config.idx_to_class
     with torch.inference_mode():
         predictions = photos.predict_photos(
             detector, paths, short_side, max_side, args.score_thresh, args.nms_thresh, args.batch_size, device

@@ -83,7 +83,7 @@ import torchvision  # noqa: E402
 from IPython.display import display  # noqa: E402
 
 import a4_helper  # noqa: E402
-import detect  # noqa: E402
+import experiment  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou, nms  # noqa: E402
 from one_stage_detector import (  # noqa: E402
     COURSE_FCOS,
@@ -598,13 +598,17 @@ def run_dir(model):
     return folder
 
 
-def run_config(model, variant="course"):
-    """The configuration `detect.py` stores in its checkpoints (so `detect.py eval` can rebuild the model)."""
+def run_config(model, variant="course", first_stage=None):
+    """This notebook's run as a `RunConfig`, the configuration `detect.py` stores in its checkpoints (so that
+    `detect.py eval` can rebuild the model). Faster R-CNN gets the RPN unless `first_stage="fcos"`."""
     synthetic = DATA == "synthetic"
-    return {"model": model, "variant": variant, "data": DATA, "image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE,
-            "fpn_channels": FPN_CHANNELS, "iters": TRAIN_ITERS, "lr": LEARNING_RATE,
-            "train_images": NUM_TRAIN if synthetic else None, "eval_images": NUM_VAL if synthetic else None,
-            "num_classes": NUM_CLASSES, "idx_to_class": dict(IDX_TO_CLASS)}
+    return experiment.RunConfig(
+        model=model, variant=variant, data=DATA, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE,
+        fpn_channels=FPN_CHANNELS, iters=TRAIN_ITERS, optimizer="sgd", lr=LEARNING_RATE,
+        train_images=NUM_TRAIN if synthetic else None, eval_images=NUM_VAL if synthetic else None,
+        first_stage=(first_stage or "rpn") if model == "faster_rcnn" else None,
+        num_classes=NUM_CLASSES, idx_to_class=dict(IDX_TO_CLASS),
+    )
 
 
 FCOS_DIR = run_dir("fcos")
@@ -613,7 +617,7 @@ a4_helper.reset_seed(0)
 fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
 fcos_history = a4_helper.train_detector(
     fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD, device=DEVICE,
-    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos")},
+    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos").to_dict()},
 )
 assert len(fcos_history["total"]) == TRAIN_ITERS
 assert all(torch.isfinite(torch.tensor(values)).all() for values in fcos_history.values())
@@ -697,15 +701,15 @@ assert abs(fcos_export["map"] - fcos_voc["map"]) < 1e-9, "exported predictions g
 # %% [markdown]
 # ## Reload the checkpoint
 #
-# A trained model is only useful if it can be rebuilt from disk. `detect.load_detector` rebuilds the
+# A trained model is only useful if it can be rebuilt from disk. `experiment.load_detector` rebuilds the
 # detector from the configuration stored in the checkpoint and loads its weights; it must score exactly
 # what the model in memory scored. The command line does the same with
 # `python detect.py eval --checkpoint <path>`.
 
 # %%
-reloaded_fcos, reloaded_config = detect.load_detector(str(FCOS_CHECKPOINT))
+reloaded_fcos, reloaded_config = experiment.load_detector(str(FCOS_CHECKPOINT))
 reloaded_voc = a4_helper.evaluate_detector(reloaded_fcos, val_loader, score_thresh=0.05, nms_thresh=0.5, device=DEVICE)
-assert reloaded_config["model"] == "fcos" and reloaded_config["num_classes"] == NUM_CLASSES
+assert reloaded_config.model == "fcos" and reloaded_config.num_classes == NUM_CLASSES
 tolerance = 1e-6 if DEVICE.type == "cpu" else 1e-3  # GPU kernels may round differently between runs
 assert abs(reloaded_voc["map"] - fcos_voc["map"]) < tolerance, (reloaded_voc["map"], fcos_voc["map"])
 print(f"reloaded from {FCOS_CHECKPOINT}: mAP@0.5 {reloaded_voc['map']:.4f} (in memory: {fcos_voc['map']:.4f})")
@@ -761,7 +765,7 @@ improved_fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pr
 improved_history = a4_helper.train_detector(
     improved_fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
     device=DEVICE, checkpoint_path=run_dir("fcos_improved") / "checkpoint.pt",
-    metadata={"config": run_config("fcos", variant="improved")},
+    metadata={"config": run_config("fcos", variant="improved").to_dict()},
 )
 assert loss_fell(improved_history, factor=1.0 if QUICK else 0.8)
 improved_voc = a4_helper.evaluate_detector(improved_fcos, val_loader, device=DEVICE)

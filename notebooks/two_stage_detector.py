@@ -86,7 +86,7 @@ from IPython.display import display  # noqa: E402
 
 import a4_helper  # noqa: E402
 import common  # noqa: E402
-import detect  # noqa: E402
+import experiment  # noqa: E402
 import two_stage_detector  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou  # noqa: E402
 from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
@@ -563,19 +563,23 @@ print({f"{int(side)}px": list(STRIDES)[level] for side, level in zip(sides, roi_
 # an object of the RoI's own image; and shuffling the RoIs shuffles their features row for row.
 
 # %%
-def run_config(model, variant="course"):
-    """The configuration `detect.py` stores in its checkpoints (so `detect.py eval` can rebuild the model)."""
+def run_config(model, variant="course", first_stage=None):
+    """This notebook's run as a `RunConfig`, the configuration `detect.py` stores in its checkpoints (so that
+    `detect.py eval` can rebuild the model). Faster R-CNN gets the RPN unless `first_stage="fcos"`."""
     synthetic = DATA == "synthetic"
-    return {"model": model, "variant": variant, "data": DATA, "image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE,
-            "fpn_channels": FPN_CHANNELS, "iters": TRAIN_ITERS, "lr": LEARNING_RATE,
-            "train_images": NUM_TRAIN if synthetic else None, "eval_images": NUM_VAL if synthetic else None,
-            "num_classes": NUM_CLASSES, "idx_to_class": dict(IDX_TO_CLASS)}
+    return experiment.RunConfig(
+        model=model, variant=variant, data=DATA, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE,
+        fpn_channels=FPN_CHANNELS, iters=TRAIN_ITERS, optimizer="sgd", lr=LEARNING_RATE,
+        train_images=NUM_TRAIN if synthetic else None, eval_images=NUM_VAL if synthetic else None,
+        first_stage=(first_stage or "rpn") if model == "faster_rcnn" else None,
+        num_classes=NUM_CLASSES, idx_to_class=dict(IDX_TO_CLASS),
+    )
 
 
 def build_faster_rcnn(pretrained, variant="course"):
-    """Faster R-CNN as `detect.py` builds it (`detect.build_detector`): backbone + FPN, RPN, and the RoI head;
+    """Faster R-CNN as `detect.py` builds it (`experiment.build_detector`): backbone + FPN, RPN, and the RoI head;
     `variant="improved"` keeps the constructors' defaults, "course" turns them off."""
-    return detect.build_detector({**run_config("faster_rcnn", variant)}, pretrained=pretrained)
+    return experiment.build_detector(run_config("faster_rcnn", variant), pretrained=pretrained)
 
 
 a4_helper.reset_seed(0)
@@ -692,7 +696,7 @@ a4_helper.reset_seed(0)
 faster_rcnn = build_faster_rcnn(PRETRAINED)
 rcnn_history = a4_helper.train_detector(
     faster_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
-    device=DEVICE, checkpoint_path=RCNN_CHECKPOINT, metadata={"config": run_config("faster_rcnn")},
+    device=DEVICE, checkpoint_path=RCNN_CHECKPOINT, metadata={"config": run_config("faster_rcnn").to_dict()},
 )
 assert len(rcnn_history["total"]) == TRAIN_ITERS
 assert all(torch.isfinite(torch.tensor(values)).all() for values in rcnn_history.values())
@@ -759,13 +763,13 @@ assert abs(rcnn_export["map"] - rcnn_voc["map"]) < 1e-9, "exported predictions g
 # %% [markdown]
 # ## Reload the checkpoint
 #
-# `detect.load_detector` rebuilds the detector from the configuration in the checkpoint; it must score what
+# `experiment.load_detector` rebuilds the detector from the configuration in the checkpoint; it must score what
 # the model in memory scored (from a shell: `python detect.py eval --checkpoint <path>`).
 
 # %%
-reloaded_rcnn, reloaded_config = detect.load_detector(str(RCNN_CHECKPOINT))
+reloaded_rcnn, reloaded_config = experiment.load_detector(str(RCNN_CHECKPOINT))
 reloaded_voc = a4_helper.evaluate_detector(reloaded_rcnn, val_loader, score_thresh=0.05, nms_thresh=0.5, device=DEVICE)
-assert reloaded_config["model"] == "faster_rcnn" and reloaded_config["num_classes"] == NUM_CLASSES
+assert reloaded_config.model == "faster_rcnn" and reloaded_config.num_classes == NUM_CLASSES
 tolerance = 1e-6 if DEVICE.type == "cpu" else 1e-3  # GPU kernels may round differently between runs
 assert abs(reloaded_voc["map"] - rcnn_voc["map"]) < tolerance, (reloaded_voc["map"], rcnn_voc["map"])
 print(f"reloaded from {RCNN_CHECKPOINT}: mAP@0.5 {reloaded_voc['map']:.4f} (in memory: {rcnn_voc['map']:.4f})")
@@ -792,7 +796,7 @@ a4_helper.reset_seed(0)
 fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
 fcos_history = a4_helper.train_detector(
     fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD, device=DEVICE,
-    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos")},
+    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos").to_dict()},
 )
 assert len(fcos_history["total"]) == TRAIN_ITERS
 fcos_voc = a4_helper.evaluate_detector(fcos, val_loader, score_thresh=0.05, nms_thresh=0.5, device=DEVICE)
@@ -845,14 +849,14 @@ show(figure)
 # %%
 FCOS_RPN_DIR = run_dir("faster_rcnn_fcos_first_stage")
 a4_helper.reset_seed(0)
-fcos_faster_rcnn = detect.build_detector({**run_config("faster_rcnn"), "first_stage": "fcos"}, pretrained=False)
+fcos_faster_rcnn = experiment.build_detector(run_config("faster_rcnn", first_stage="fcos"), pretrained=False)
 copied = two_stage_detector.init_from_fcos(fcos_faster_rcnn, fcos.state_dict())
 assert torch.equal(fcos_faster_rcnn.rpn.pred_net.pred_box.weight.cpu(), fcos.pred_net.pred_box.weight.cpu())
 print(f"copied {len(copied)} tensors from the trained FCOS (backbone and first stage)")
 fcos_rpn_history = a4_helper.train_detector(
     fcos_faster_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
     device=DEVICE, checkpoint_path=FCOS_RPN_DIR / "checkpoint.pt",
-    metadata={"config": {**run_config("faster_rcnn"), "first_stage": "fcos"}},
+    metadata={"config": run_config("faster_rcnn", first_stage="fcos").to_dict()},
 )
 assert {"loss_rpn_ctr", "metric_rpn_cls_error", "metric_rpn_box_mae"} <= set(fcos_rpn_history)
 assert all(torch.isfinite(torch.tensor(values)).all() for values in fcos_rpn_history.values())
@@ -955,7 +959,7 @@ improved_rcnn = build_faster_rcnn(PRETRAINED, variant="improved")
 improved_history = a4_helper.train_detector(
     improved_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
     device=DEVICE, checkpoint_path=run_dir("faster_rcnn_improved") / "checkpoint.pt",
-    metadata={"config": run_config("faster_rcnn", variant="improved")},
+    metadata={"config": run_config("faster_rcnn", variant="improved").to_dict()},
 )
 assert loss_fell(improved_history, factor=1.0 if QUICK else 0.8)
 improved_voc = a4_helper.evaluate_detector(improved_rcnn, val_loader, device=DEVICE)

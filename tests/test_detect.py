@@ -113,7 +113,7 @@ def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_pa
     tiny_step = ["--iters", "1", "--lr", "1e-12", *TINY_RUN[2:]]
     detect.main(["train", *args, "--weights", "none", "--out", str(rcnn_out), *tiny_step])
     detector, config = detect.load_detector(str(rcnn_out / "checkpoint.pt"))
-    assert config["first_stage"] == "fcos" and isinstance(detector.rpn, detect.FCOSProposalNetwork)
+    assert config.first_stage == "fcos" and isinstance(detector.rpn, detect.FCOSProposalNetwork)
     own = detector.state_dict()
     for key in ("backbone.fpn_params.output_p5.weight", "pred_net.pred_box.weight", "pred_net.stem_cls.0.weight"):
         own_key = key if key.startswith("backbone.") else "rpn." + key
@@ -136,7 +136,7 @@ def test_the_course_variant_of_faster_rcnn_keeps_the_anchor_rpn(tmp_path):
     argv = ["train", "--model", "faster_rcnn", "--variant", "course", "--weights", "none", "--out", str(out)]
     detect.main([*argv, *one_step])
     detector, config = detect.load_detector(str(out / "checkpoint.pt"))
-    assert config["first_stage"] == "rpn" and isinstance(detector.rpn, detect.RPN)
+    assert config.first_stage == "rpn" and isinstance(detector.rpn, detect.RPN)
 
 
 # (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based pixels, on 64 x 64 images (kept as they are at
@@ -202,7 +202,7 @@ def test_proposal_evaluation_gives_the_first_stage_back_its_proposal_count_and_m
     detector = detect.build_detector(config).train()
     before = detector.rpn.post_nms_topk
     args = detect.build_parser().parse_args(["eval", "--checkpoint", "unused.pt", "--device", "cpu"])
-    summary = detect._evaluate_proposals(detector, config, args, str(tmp_path))
+    summary = detect._evaluate_proposals(detector, detect.RunConfig.from_dict(config), args, str(tmp_path))
     assert set(summary) >= {"ar_10", "ar_300"} and before != 300  # it ranked 300 proposals per image...
     assert detector.rpn.post_nms_topk == before  # ...and the detector keeps its own count
     assert detector.training and detector.rpn.training and detector.backbone.training  # and its mode

@@ -130,8 +130,8 @@ def _fake_checkpoint(tmp_path, monkeypatch):
     """'detect.py predict' on WholeInputDetector: a checkpoint file that load_detector is patched to read."""
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(b"stand-in")
-    config = {"image_size": 128, "idx_to_class": {0: "square", 1: "circle"}}
-    monkeypatch.setattr(detect, "load_detector", lambda path: (WholeInputDetector(), dict(config)))
+    config = detect.RunConfig(image_size=128, idx_to_class={0: "square", 1: "circle"})
+    monkeypatch.setattr(detect, "load_detector", lambda path: (WholeInputDetector(), config))
     return str(checkpoint)
 
 

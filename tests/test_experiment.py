@@ -1,0 +1,45 @@
+"""RunConfig, the one configuration of a run: recipes, stored dicts (also old ones), and the detector built from it."""
+
+import dataclasses
+import json
+
+import pytest
+
+import experiment
+from experiment import RECIPES, RunConfig, build_detector
+from two_stage_detector import RPN, FCOSProposalNetwork
+
+CLASSES = {0: "cat", 1: "dog"}
+
+
+@pytest.mark.parametrize("model", ["fcos", "faster_rcnn"])
+def test_a_stored_config_reads_back_as_the_same_config(model):
+    config = dataclasses.replace(RECIPES["synthetic"], model=model, num_classes=2, idx_to_class=CLASSES)
+    stored = config.to_dict()
+    assert RunConfig.from_dict(stored) == dataclasses.replace(config, first_stage=config.resolved_first_stage)
+    # JSON (metrics.json) turns the class indices into strings; they come back as integers.
+    assert RunConfig.from_dict(json.loads(json.dumps(stored))).idx_to_class == CLASSES
+    assert ("first_stage" in stored) == (model == "faster_rcnn") and "init_from" not in stored
+
+
+def test_old_configs_mean_what_they_meant_when_they_were_written():
+    # Before the variant existed, detectors were the course's; before FCOS proposals, Faster R-CNN had the RPN.
+    old = {"model": "faster_rcnn", "data": "synthetic", "image_size": 64, "fpn_channels": 16, "num_classes": 2}
+    config = RunConfig.from_dict({**old, "idx_to_class": {"0": "cat", "1": "dog"}, "unknown_key": 1})
+    assert config.variant == "course" and config.first_stage == "rpn" and config.idx_to_class == CLASSES
+    assert isinstance(build_detector(config).rpn, RPN)
+
+
+def test_the_improved_faster_rcnn_proposes_with_fcos_unless_told_otherwise():
+    config = RunConfig(model="faster_rcnn", fpn_channels=16, num_classes=2)
+    assert config.resolved_first_stage == "fcos" and isinstance(build_detector(config).rpn, FCOSProposalNetwork)
+    course = dataclasses.replace(config, variant="course")
+    assert course.resolved_first_stage == "rpn" and isinstance(build_detector(course).rpn, RPN)
+    assert RunConfig(model="fcos").resolved_first_stage is None
+
+
+def test_recipes_are_the_documented_ones():
+    synthetic, voc = RECIPES["synthetic"], RECIPES["voc2007"]
+    assert (synthetic.image_size, synthetic.batch_size, synthetic.iters, synthetic.optimizer) == (128, 8, 700, "adamw")
+    assert (voc.image_size, voc.batch_size, voc.fpn_channels, voc.iters, voc.optimizer) == (224, 16, 128, 9000, "sgd")
+    assert experiment.CACHED_BY_DEFAULT == {"voc2007"}
