@@ -44,12 +44,21 @@ def test_committed_notebook_has_no_outputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_and_py_twin_are_in_sync(name):
     notebook = jupytext.read(NOTEBOOK_DIR / f"{name}.ipynb")
-    twin = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
+    twin = jupytext.read(NOTEBOOK_DIR / f"{name}.notebook.py")
     assert "py:percent" in notebook.metadata.get("jupytext", {}).get("formats", ""), "pair the notebook with its twin"
     assert _cells(notebook) == _cells(twin), (
-        f"notebooks/{name}.ipynb and notebooks/{name}.py differ; run 'jupytext --sync notebooks/{name}.py' "
+        f"notebooks/{name}.ipynb and notebooks/{name}.notebook.py differ; run "
+        f"'jupytext --sync notebooks/{name}.notebook.py' "
         "(it takes the newer of the two as the source)"
     )
+
+
+def test_no_notebook_file_can_shadow_a_library_module():
+    # Run from notebooks/, "import one_stage_detector" must find the library, not a notebook's twin.
+    library = {path.stem for path in ROOT.glob("*.py")}
+    importable = {path.stem for path in NOTEBOOK_DIR.glob("*.py") if "." not in path.stem}
+    assert not importable & library
+    assert {path.name for path in NOTEBOOK_DIR.glob("*.py")} == {f"{name}.notebook.py" for name in NAMES}
 
 
 @pytest.mark.parametrize("name, cwd", NOTEBOOKS, ids=NAMES)

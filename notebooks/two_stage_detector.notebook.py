@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,.notebook.py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -87,6 +87,7 @@ from IPython.display import display  # noqa: E402
 import a4_helper  # noqa: E402
 import common  # noqa: E402
 import experiment  # noqa: E402
+import notebook_kit  # noqa: E402
 import two_stage_detector  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou  # noqa: E402
 from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
@@ -107,19 +108,6 @@ from two_stage_detector import (  # noqa: E402
 hello_common()
 hello_two_stage_detector()
 a4_helper.hello_helper()
-print(f"repository: {ROOT}")
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-print(f"device: {DEVICE}; quick mode: {QUICK}")
-if DEVICE.type == "cpu" and not QUICK:
-    print("No GPU: the full recipe takes many hours on a CPU. On Colab pick Runtime > Change runtime type > GPU, "
-          "or set DETECT_QUICK=1 for a short run.")
-
-
-def show(figure):
-    """Display a figure once and free it (inline in Jupyter, a no-op picture under a headless runner)."""
-    display(figure)
-    plt.close(figure)
 
 
 # %% [markdown]
@@ -128,40 +116,17 @@ def show(figure):
 # The same settings as the FCOS notebook, so that the two detectors are compared on equal terms: quick
 # mode uses 96-pixel images, a 32-channel FPN, a few dozen iterations and random weights; the full recipe
 # uses 224-pixel images, batch 16, a 128-channel FPN, 9000 iterations and an ImageNet-pretrained backbone.
+# `notebook_kit.setup` does this set-up for both notebooks.
 
 # %%
-if QUICK:
-    IMAGE_SIZE, BATCH_SIZE, FPN_CHANNELS = 96, 4, 32
-    NUM_TRAIN, NUM_VAL = 32, 16  # synthetic images
-    OVERFIT_IMAGES, OVERFIT_ITERS = 8, 40
-    TRAIN_ITERS, LEARNING_RATE, LOG_PERIOD = 40, 0.01, 10
-    NUM_WORKERS = 0
-else:
-    IMAGE_SIZE, BATCH_SIZE, FPN_CHANNELS = 224, 16, 128
-    NUM_TRAIN, NUM_VAL = 2501, 2510  # used only by the synthetic set: as many images as VOC's train and val
-    OVERFIT_IMAGES, OVERFIT_ITERS = 160, 500
-    TRAIN_ITERS, LEARNING_RATE, LOG_PERIOD = 9000, 8e-3, 100
-    NUM_WORKERS = min(4, os.cpu_count() or 1)
-
-PRETRAINED = False
-if not QUICK:
-    try:
-        DetectorBackboneWithFPN(8, pretrained=True)  # fetches torchvision's ImageNet weights once
-        PRETRAINED = True
-    except RuntimeError as error:
-        print(f"ImageNet weights unavailable, so the backbone starts from random weights:\n{error}")
-
-if os.environ.get("DETECT_RUN_DIR"):
-    RUN_DIR = Path(os.environ["DETECT_RUN_DIR"])  # where a test runner wants the outputs
-elif QUICK:
-    import tempfile
-
-    RUN_DIR = Path(tempfile.mkdtemp(prefix="faster_rcnn_notebook_"))  # the last cell removes it again
-else:
-    RUN_DIR = ROOT / "runs" / "notebooks"
-RUN_DIR.mkdir(parents=True, exist_ok=True)
-print(f"images {IMAGE_SIZE}px, batch {BATCH_SIZE}, FPN {FPN_CHANNELS}, {TRAIN_ITERS} iterations, "
-      f"ImageNet weights: {PRETRAINED}; outputs in {RUN_DIR}")
+RUN = notebook_kit.setup("faster_rcnn", ROOT, QUICK)
+S = RUN.sizes
+IMAGE_SIZE, BATCH_SIZE, FPN_CHANNELS = S.image_size, S.batch_size, S.fpn_channels
+NUM_TRAIN, NUM_VAL = S.num_train, S.num_val  # synthetic images
+OVERFIT_IMAGES, OVERFIT_ITERS = S.overfit_images, S.overfit_iters
+TRAIN_ITERS, LEARNING_RATE, LOG_PERIOD = S.train_iters, S.learning_rate, S.log_period
+NUM_WORKERS, DEVICE, PRETRAINED, RUN_DIR = S.num_workers, RUN.device, RUN.pretrained, RUN.run_root
+show, subset, loss_fell = notebook_kit.show, notebook_kit.subset, notebook_kit.loss_fell
 
 # %% [markdown]
 # ## Data
@@ -172,31 +137,13 @@ print(f"images {IMAGE_SIZE}px, batch {BATCH_SIZE}, FPN {FPN_CHANNELS}, {TRAIN_IT
 
 # %%
 DOWNLOAD_VOC = False
-DATA_DIR = ROOT / "data"
-voc_present = (DATA_DIR / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "train.txt").is_file()
-DATA = "voc2007" if not QUICK and (voc_present or DOWNLOAD_VOC) else "synthetic"
-
-if DATA == "voc2007":
-    train_set = a4_helper.VOC2007DetectionTiny(DATA_DIR, "train", download=DOWNLOAD_VOC, image_size=IMAGE_SIZE)
-    val_set = a4_helper.VOC2007DetectionTiny(DATA_DIR, "val", image_size=IMAGE_SIZE, return_difficult=True)
-else:
-    train_set = a4_helper.SyntheticDetection("train", num_images=NUM_TRAIN, image_size=IMAGE_SIZE)
-    val_set = a4_helper.SyntheticDetection("val", num_images=NUM_VAL, image_size=IMAGE_SIZE)
-IDX_TO_CLASS = train_set.idx_to_class
+RUN.open_data(ROOT / "data", download_voc=DOWNLOAD_VOC)
+DATA, train_set, val_set = RUN.data, RUN.train_set, RUN.val_set
+IDX_TO_CLASS = RUN.idx_to_class
 NUM_CLASSES = len(IDX_TO_CLASS)
-
-
-def make_train_loader():
-    """A fresh, identically seeded training loader for each run, so that runs see the same batches."""
-    return torch.utils.data.DataLoader(
-        train_set, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=NUM_WORKERS,
-        pin_memory=DEVICE.type == "cuda", generator=torch.Generator().manual_seed(0),
-    )
-
-
-val_loader = torch.utils.data.DataLoader(
-    val_set, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, pin_memory=DEVICE.type == "cuda"
-)
+val_loader = RUN.make_val_loader()
+make_train_loader, run_dir, run_config = RUN.make_train_loader, RUN.run_dir, RUN.run_config
+show_predictions, export_and_curves = RUN.show_predictions, RUN.export_and_curves
 
 image_ids, images, gt_boxes = next(iter(torch.utils.data.DataLoader(train_set, batch_size=4)))
 real = gt_boxes[..., 4] >= 0
@@ -460,20 +407,7 @@ print("images without objects:", {k: round(v.item(), 4) for k, v in empty.items(
 # at IoU >= 0.5, before and after training.
 
 # %%
-def subset(dataset, count):
-    """``count`` images spread evenly over ``dataset``."""
-    return torch.utils.data.Subset(dataset, torch.linspace(0, len(dataset) - 1, count).long().tolist())
-
-
-def loss_fell(history, factor):
-    """Mean total loss of the last fifth of the run below ``factor`` times that of the first fifth."""
-    window = max(5, len(history["total"]) // 5)
-    first, last = (sum(part) / window for part in (history["total"][:window], history["total"][-window:]))
-    print(f"mean total loss: first {window} iterations {first:.3f}, last {window} iterations {last:.3f}")
-    return last < factor * first
-
-
-def proposal_recall(first_stage, loader, threshold=0.5):
+def recall_at_iou(first_stage, loader, threshold=0.5):
     """Fraction of ground-truth objects that some proposal overlaps with IoU >= threshold."""
     first_stage.to(DEVICE).eval()
     found = total = 0
@@ -500,12 +434,12 @@ first_stage = FirstStage(
     RPN(FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80,
         **COURSE_RPN),
 )
-recall_before = proposal_recall(first_stage, overfit_eval_loader)
+recall_before = recall_at_iou(first_stage, overfit_eval_loader)
 rpn_history = a4_helper.train_detector(
     first_stage, overfit_loader, learning_rate=LEARNING_RATE, max_iters=OVERFIT_ITERS, log_period=LOG_PERIOD,
     device=DEVICE,
 )
-recall_after = proposal_recall(first_stage, overfit_eval_loader)
+recall_after = recall_at_iou(first_stage, overfit_eval_loader)
 assert loss_fell(rpn_history, factor=1.0 if QUICK else 0.8)
 assert QUICK or recall_after > recall_before, "training should make the proposals cover more objects"
 print(f"proposal recall at IoU 0.5 on the training images: {recall_before:.3f} before, {recall_after:.3f} after")
@@ -563,19 +497,6 @@ print({f"{int(side)}px": list(STRIDES)[level] for side, level in zip(sides, roi_
 # an object of the RoI's own image; and shuffling the RoIs shuffles their features row for row.
 
 # %%
-def run_config(model, variant="course", first_stage=None):
-    """This notebook's run as a `RunConfig`, the configuration `detect.py` stores in its checkpoints (so that
-    `detect.py eval` can rebuild the model). Faster R-CNN gets the RPN unless `first_stage="fcos"`."""
-    synthetic = DATA == "synthetic"
-    return experiment.RunConfig(
-        model=model, variant=variant, data=DATA, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE,
-        fpn_channels=FPN_CHANNELS, iters=TRAIN_ITERS, optimizer="sgd", lr=LEARNING_RATE,
-        train_images=NUM_TRAIN if synthetic else None, eval_images=NUM_VAL if synthetic else None,
-        first_stage=(first_stage or "rpn") if model == "faster_rcnn" else None,
-        num_classes=NUM_CLASSES, idx_to_class=dict(IDX_TO_CLASS),
-    )
-
-
 def build_faster_rcnn(pretrained, variant="course"):
     """Faster R-CNN as `detect.py` builds it (`experiment.build_detector`): backbone + FPN, RPN, and the RoI head;
     `variant="improved"` keeps the constructors' defaults, "course" turns them off."""
@@ -650,27 +571,6 @@ show(a4_helper.plot_loss_history(overfit_history))
 
 
 # %%
-def show_predictions(detector, dataset, indices, score_thresh=0.3, title=""):
-    """Predict on ``dataset[indices]`` and draw ground truth (solid) and predictions (dashed)."""
-    items = [dataset[index] for index in indices]
-    batch = torch.stack([item[1] for item in items])
-    detector.to(DEVICE).eval()
-    with torch.inference_mode():
-        predictions = detector.predict(batch.to(DEVICE), score_thresh=score_thresh, nms_thresh=0.5)
-    columns = min(len(items), 4)
-    rows = -(-len(items) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.5 * rows), squeeze=False)
-    for ax, item, prediction in zip(axes.flat, items, predictions):
-        prediction = {key: value.cpu() for key, value in prediction.items()}
-        assert (prediction["scores"] > score_thresh).all() and (prediction["labels"] < NUM_CLASSES).all()
-        assert (prediction["boxes"] >= 0).all() and (prediction["boxes"] <= IMAGE_SIZE).all(), "boxes are clipped"
-        a4_helper.detection_visualizer(item[1], IDX_TO_CLASS, bbox=item[2], pred=prediction, ax=ax)
-    for ax in axes.flat[len(items) :]:
-        ax.axis("off")
-    figure.suptitle(title)
-    show(figure)
-
-
 show_predictions(overfit_rcnn, overfit_set, range(4), title="Faster R-CNN after overfitting: training images")
 overfit_map = a4_helper.evaluate_detector(overfit_rcnn, overfit_eval_loader, device=DEVICE)["map"]
 print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map:.3f}")
@@ -683,13 +583,6 @@ print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map
 # when the cell runs again, and its stored configuration lets `detect.py` reload it.
 
 # %%
-def run_dir(model):
-    """Folder of one training run, named after what changes its result."""
-    folder = RUN_DIR / f"{model}_{DATA}_{IMAGE_SIZE}px_fpn{FPN_CHANNELS}_{TRAIN_ITERS}it"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 RCNN_DIR = run_dir("faster_rcnn")
 RCNN_CHECKPOINT = RCNN_DIR / "checkpoint.pt"
 a4_helper.reset_seed(0)
@@ -734,29 +627,6 @@ print(f"  mAP@0.5 (VOC): {rcnn_voc['map']:.4f}   mAP@[.5:.95] (COCO): {rcnn_coco
 # agree with `evaluate_detector`.
 
 # %%
-def export_and_curves(detector, folder, title):
-    """Write mAP-tool files for the held-out set, check them, and draw precision-recall curves."""
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)  # stale files of an earlier run would be counted too
-    results = a4_helper.inference_with_detector(
-        detector, val_loader, IDX_TO_CLASS, score_thresh=0.05, nms_thresh=0.5, output_dir=folder, device=DEVICE
-    )
-    ground_truths = []
-    for batch in torch.utils.data.DataLoader(val_set, batch_size=BATCH_SIZE):
-        ground_truths += a4_helper.gt_boxes_to_targets(batch[2], batch[3] if len(batch) > 3 else None)
-    for subfolder in ("ground-truth", "detection-results"):
-        assert len(os.listdir(folder / subfolder)) == len(val_set), "one file per image, even without detections"
-    first = sorted(os.listdir(folder / "detection-results"))[0]
-    print(f"wrote {len(val_set)} files each to {folder}/ground-truth and {folder}/detection-results; {first}:")
-    print("".join((folder / "detection-results" / first).read_text().splitlines(keepends=True)[:3]) or "(empty)")
-    figure = a4_helper.plot_precision_recall(results, ground_truths, NUM_CLASSES, IDX_TO_CLASS)
-    figure.suptitle(title, y=1.02)
-    show(figure)
-    return a4_helper.compute_map(results, ground_truths, NUM_CLASSES)
-
-
 rcnn_export = export_and_curves(faster_rcnn, RCNN_DIR / "map_input", "Faster R-CNN: precision-recall per class")
 assert abs(rcnn_export["map"] - rcnn_voc["map"]) < 1e-9, "exported predictions give the same mAP"
 
