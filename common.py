@@ -31,7 +31,7 @@ Dimension letters
 import functools
 import math
 import os
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -219,6 +219,23 @@ def is_matched(gt_boxes: torch.Tensor) -> torch.Tensor:
         return gt_boxes[..., 4] >= 0
     coords = gt_boxes[..., :4]
     return ~(is_background(coords) | (coords == NEUTRAL).all(dim=-1))
+
+
+def single_image_inference(
+    detector: nn.Module, images: torch.Tensor, score_thresh: Optional[float], nms_thresh: Optional[float]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The course's ``inference`` for both detectors: one image's detections as the triple ``(boxes (N, 4),
+    classes (N,), scores (N,))``, from the detector's batched ``predict`` (thresholds ``None``:
+    ``SCORE_THRESH`` and ``NMS_THRESH``)."""
+    if images.shape[0] != 1:
+        raise ValueError(
+            f"{type(detector).__name__}.inference takes one image, got a batch of {images.shape[0]}; "
+            "use predict() for batches."
+        )
+    score_thresh = SCORE_THRESH if score_thresh is None else score_thresh
+    nms_thresh = NMS_THRESH if nms_thresh is None else nms_thresh
+    detections = detector.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
+    return detections["boxes"], detections["labels"], detections["scores"]
 
 
 def get_fpn_location_coords(

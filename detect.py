@@ -571,10 +571,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(commands) -> None:
     train = commands.add_parser("train", help="train a detector, then evaluate it on the held-out split")
     train.add_argument("--model", choices=["fcos", "faster_rcnn"], default="fcos", help="detector (default: fcos)")
     train.add_argument(
@@ -626,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(train)
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint written by 'train'")
     evaluate.add_argument("--checkpoint", required=True, help="path of checkpoint.pt")
     evaluate.add_argument("--data", choices=sorted(RECIPES), help="data set (default: the one it was trained on)")
@@ -636,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_predict_command(commands) -> None:
     predict = commands.add_parser("predict", help="detect objects in whole photos; boxes in each photo's own pixels")
     predict.add_argument("--checkpoint", required=True, help="path of checkpoint.pt (or the folder that holds it)")
     predict.add_argument("images", nargs="+", help="image files, or folders of them")
@@ -651,6 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common_options(predict)
     predict.set_defaults(func=cmd_predict, score_thresh=0.3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_train_command, _add_eval_command, _add_predict_command):
+        add_command(commands)
     return parser
 
 

@@ -26,6 +26,7 @@ from common import (
     conv_stem,
     fpn_locations_of,
     is_background,
+    single_image_inference,
 )
 from distributed import mean_over_ranks
 
@@ -511,14 +512,7 @@ class FCOS(nn.Module):
         test_nms_thresh: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Detections for one image as the course's triple ``(boxes (N,4), classes (N,), scores (N,))``."""
-        if images.shape[0] != 1:
-            raise ValueError(
-                f"FCOS.inference takes one image, got a batch of {images.shape[0]}; use predict() for batches."
-            )
-        score_thresh = SCORE_THRESH if test_score_thresh is None else test_score_thresh
-        nms_thresh = NMS_THRESH if test_nms_thresh is None else test_nms_thresh
-        detections = self.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)[0]
-        return detections["boxes"], detections["labels"], detections["scores"]
+        return single_image_inference(self, images, test_score_thresh, test_nms_thresh)
 
     @torch.no_grad()
     def predict(

@@ -32,6 +32,7 @@ from common import (
     get_fpn_location_coords,
     iou,
     is_matched,
+    single_image_inference,
     split_by_image,
 )
 from one_stage_detector import (
@@ -911,17 +912,7 @@ class FasterRCNN(nn.Module):
         test_nms_thresh: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Detections for one image as the course's triple ``(boxes (N, 4), classes (N,), scores (N,))``."""
-        if images.shape[0] != 1:
-            raise ValueError(
-                f"FasterRCNN.inference takes one image, got a batch of {images.shape[0]}; use predict() for batches."
-            )
-        thresholds = {}
-        if test_score_thresh is not None:
-            thresholds["score_thresh"] = test_score_thresh
-        if test_nms_thresh is not None:
-            thresholds["nms_thresh"] = test_nms_thresh
-        detections = self.predict(images, **thresholds)[0]
-        return detections["boxes"], detections["labels"], detections["scores"]
+        return single_image_inference(self, images, test_score_thresh, test_nms_thresh)
 
     @torch.no_grad()
     def predict(
