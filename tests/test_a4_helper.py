@@ -9,11 +9,11 @@ import io
 import math
 import os
 import random
-from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_voc_annotation
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -78,29 +78,20 @@ def test_normalize_then_denormalize_gives_back_the_pixels():
 # (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based inclusive pixels.
 _VOC_FIXTURE = {
     # 300 wide x 200 high: left half red, right half blue.
-    "000001": ((300, 200), [("dog", 11, 21, 110, 120, 0), ("cat", 291, 51, 300, 100, 0),
-                            ("person", 101, 101, 200, 180, 1), ("bird", 1, 1, 60, 30, 0),
-                            ("boat", 1, 151, 50.8, 170, 0)]),
+    "000001": (
+        (300, 200),
+        [
+            ("dog", 11, 21, 110, 120, 0),
+            ("cat", 291, 51, 300, 100, 0),
+            ("person", 101, 101, 200, 180, 1),
+            ("bird", 1, 1, 60, 30, 0),
+            ("boat", 1, 151, 50.8, 170, 0),
+        ],
+    ),
     "000002": ((150, 333), [("car", 31, 201, 120, 300, 0)]),  # portrait, odd height
     "000003": ((193, 257), []),  # no objects at all
 }
 _VOC_SPLIT_FILES = {"train": ["000001", "000002"], "val": ["000003"], "trainval": ["000001", "000002", "000003"]}
-
-
-def _write_voc_annotation(path, size, objects):
-    root = ElementTree.Element("annotation")
-    ElementTree.SubElement(root, "filename").text = os.path.basename(path).replace(".xml", ".jpg")
-    size_node = ElementTree.SubElement(root, "size")
-    for tag, value in zip(("width", "height", "depth"), (*size, 3)):
-        ElementTree.SubElement(size_node, tag).text = str(value)
-    for name, x1, y1, x2, y2, difficult in objects:
-        node = ElementTree.SubElement(root, "object")
-        ElementTree.SubElement(node, "name").text = name
-        ElementTree.SubElement(node, "difficult").text = str(difficult)
-        box = ElementTree.SubElement(node, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), (x1, y1, x2, y2)):
-            ElementTree.SubElement(box, tag).text = str(value)
-    ElementTree.ElementTree(root).write(path)
 
 
 def _write_voc_fixture(dataset_dir, splits=_VOC_SPLIT_FILES):
@@ -112,7 +103,7 @@ def _write_voc_fixture(dataset_dir, splits=_VOC_SPLIT_FILES):
         pixels[:, : width // 2, 0] = 255
         pixels[:, width // 2 :, 2] = 255
         Image.fromarray(pixels).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=95)
-        _write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (width, height), objects)
+        write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (width, height), objects)
     for split, ids in splits.items():
         with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as file:
             file.write("".join(i + "\n" for i in ids))
@@ -342,8 +333,11 @@ def _gt(boxes, labels, difficult=None):
 
 
 def _pred(boxes, scores, labels):
-    return {"boxes": np.array(boxes, float).reshape(-1, 4), "scores": np.array(scores, float),
-            "labels": np.array(labels)}
+    return {
+        "boxes": np.array(boxes, float).reshape(-1, 4),
+        "scores": np.array(scores, float),
+        "labels": np.array(labels),
+    }
 
 
 @pytest.mark.parametrize("method", ["voc", "voc07", "coco"])
@@ -442,8 +436,9 @@ def _box_iou(a, b):
 
 def _reference_voc_ap(preds, gts, c, iou_threshold, eleven_points):
     """The VOC devkit's loop, one detection at a time."""
-    detections = [(s, i, b) for i, p in enumerate(preds) for b, s, lab in zip(p["boxes"], p["scores"], p["labels"])
-                  if lab == c]
+    detections = [
+        (s, i, b) for i, p in enumerate(preds) for b, s, lab in zip(p["boxes"], p["scores"], p["labels"]) if lab == c
+    ]
     detections.sort(key=lambda d: -d[0])  # Python's sort is stable, like the devkit's
     claimed = [[False] * len(g["labels"]) for g in gts]
     num_gt = sum(int(((g["labels"] == c) & ~g["difficult"]).sum()) for g in gts)
@@ -492,14 +487,28 @@ def _pycocotools_map(preds, gts, num_classes):
     for i, gt in enumerate(gts):
         for box, label in zip(gt["boxes"], gt["labels"]):
             x, y, w, h = xywh(box)  # ids start at 1: COCOeval reads id 0 as "unmatched"
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-    results = [{"image_id": i + 1, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
-               for i, p in enumerate(preds) for box, score, label in zip(p["boxes"], p["scores"], p["labels"])]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(label),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    results = [
+        {"image_id": i + 1, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+        for i, p in enumerate(preds)
+        for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = {"images": [{"id": i + 1} for i in range(len(gts))], "annotations": annotations,
-                           "categories": [{"id": c} for c in range(num_classes)]}
+        coco_gt.dataset = {
+            "images": [{"id": i + 1} for i in range(len(gts))],
+            "annotations": annotations,
+            "categories": [{"id": c} for c in range(num_classes)],
+        }
         coco_gt.createIndex()
         evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
         evaluator.evaluate()
@@ -753,8 +762,9 @@ def test_gt_boxes_to_targets_drops_padding_and_keeps_difficult_flags():
 
 def test_inference_writes_map_tool_files_for_every_image(tmp_path):
     dataset, detector = _lookup_case()
-    results = inference_with_detector(detector, DataLoader(dataset, batch_size=2), dataset.idx_to_class, 0.05, 0.5,
-                                      output_dir=tmp_path)
+    results = inference_with_detector(
+        detector, DataLoader(dataset, batch_size=2), dataset.idx_to_class, 0.05, 0.5, output_dir=tmp_path
+    )
     assert sorted(os.listdir(tmp_path / "ground-truth")) == ["img_0.txt", "img_1.txt", "img_2.txt"]
     assert sorted(os.listdir(tmp_path / "detection-results")) == ["img_0.txt", "img_1.txt", "img_2.txt"]
     assert (tmp_path / "ground-truth" / "img_0.txt").read_text() == "cat 2.00 3.00 20.00 30.00\n"
@@ -798,8 +808,9 @@ def test_inference_in_float64_gives_the_detector_back_in_float32(tmp_path, fail)
     detector.scale.grad = torch.ones(())  # left over from training
     loader = DataLoader(dataset, batch_size=3)
     with pytest.raises(RuntimeError, match="predict failed") if fail else contextlib.nullcontext():
-        results = inference_with_detector(detector, loader, dataset.idx_to_class, 0.05, 0.5, output_dir=tmp_path,
-                                          dtype=torch.float64)
+        results = inference_with_detector(
+            detector, loader, dataset.idx_to_class, 0.05, 0.5, output_dir=tmp_path, dtype=torch.float64
+        )
         assert [r["boxes"].dtype for r in results] == [torch.float64] * 3
     assert detector.dtypes == [(torch.float64, torch.float64, torch.float64)]  # computed in float64
     # Its own dtypes back, also after an error:

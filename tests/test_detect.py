@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import write_voc_annotation
 from PIL import Image
-from test_a4_helper import _write_voc_annotation
 from torch.testing import assert_close
 
 import a4_helper
@@ -154,7 +154,7 @@ def _write_difficult_voc(dataset_dir):
         os.makedirs(os.path.join(voc, folder))
     for grey, (image_id, objects) in zip((60, 200), _DIFFICULT_VOC.items()):  # told apart by their grey
         Image.fromarray(np.full((64, 64, 3), grey, np.uint8)).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"))
-        _write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (64, 64), objects)
+        write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (64, 64), objects)
     with open(os.path.join(voc, "ImageSets", "Main", "train.txt"), "w") as file:
         file.write("".join(f"{image_id}\n" for image_id in _DIFFICULT_VOC))
 

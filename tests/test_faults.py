@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import gt_batch, small_faster_rcnn
 from PIL import Image
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
@@ -36,9 +37,9 @@ import a4_helper
 import detect
 import training
 from a4_helper import VOC2007DetectionTiny, read_checkpoint, train_detector
-from common import FPN_STRIDES, DetectorBackboneWithFPN, get_fpn_location_coords
+from common import FPN_STRIDES, get_fpn_location_coords
 from one_stage_detector import FCOS, fcos_match_locations_to_gt
-from two_stage_detector import RPN, FasterRCNN, generate_fpn_anchors, rcnn_match_anchors_to_gt
+from two_stage_detector import generate_fpn_anchors, rcnn_match_anchors_to_gt
 
 NUM_CLASSES = len(a4_helper.SYNTHETIC_CLASSES)
 
@@ -48,9 +49,7 @@ def _fcos(fpn_channels=16):
 
 
 def _faster_rcnn(fpn_channels=16):
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False)
-    rpn = RPN(fpn_channels, [fpn_channels], 16, anchor_stride_scale=4, pre_nms_topk=100, post_nms_topk=30)
-    return FasterRCNN(backbone, rpn, NUM_CLASSES, stem_channels=[fpn_channels], batch_size_per_image=16)
+    return small_faster_rcnn(NUM_CLASSES, fpn_channels)
 
 
 BUILDERS = {"fcos": _fcos, "faster_rcnn": _faster_rcnn}
@@ -61,15 +60,6 @@ BOX_TERMS = {"fcos": ("loss_box", "loss_ctr"), "faster_rcnn": ("loss_rpn_box", "
 def detectors():
     torch.manual_seed(0)
     return {kind: build() for kind, build in BUILDERS.items()}
-
-
-def _gt(*rows_per_image, M=8):
-    """(B, M, 5) ground truth padded with -1 rows."""
-    gt = torch.full((len(rows_per_image), M, 5), -1.0)
-    for b, rows in enumerate(rows_per_image):
-        if rows:
-            gt[b, : len(rows)] = torch.tensor(rows, dtype=torch.float32)
-    return gt
 
 
 def _all_finite(losses):
@@ -89,7 +79,7 @@ def _train(detector, loader, checkpoint_path=None, max_iters=2, **kwargs):
 @pytest.mark.parametrize("kind", BUILDERS)
 def test_images_and_batches_without_boxes_train_with_finite_losses_and_no_warning(kind):
     torch.manual_seed(0)
-    items = [(f"img{i}", torch.randn(3, 64, 64), _gt([], M=40)[0]) for i in range(4)]
+    items = [(f"img{i}", torch.randn(3, 64, 64), gt_batch([[]], M=40)[0]) for i in range(4)]
     items[0][2][0] = torch.tensor([8.0, 8.0, 40.0, 48.0, 1.0])
     # Batch 1: an image with a box and one without; batch 2: no box at all.
     with warnings.catch_warnings():
@@ -111,9 +101,9 @@ def test_degenerate_gt_rows_are_ignored_like_padding(kind, detectors):
     images = torch.randn(2, 3, 64, 64)
     box = [8, 8, 40, 48, 1]
     torch.manual_seed(1)  # the same random samples of anchors and RoIs in both calls
-    losses = detector(images, _gt([box, *DEGENERATE_ROWS], DEGENERATE_ROWS))
+    losses = detector(images, gt_batch([[box, *DEGENERATE_ROWS], DEGENERATE_ROWS], M=8))
     torch.manual_seed(1)
-    as_padding = detector(images, _gt([box], []))
+    as_padding = detector(images, gt_batch([[box], []], M=8))
     assert _all_finite(losses) and all(losses[term] > 0 for term in BOX_TERMS[kind])
     assert_close(losses, as_padding, rtol=0, atol=0)
 
@@ -123,7 +113,7 @@ def test_out_of_image_gt_gives_finite_losses_and_gradients(kind, detectors):
     detector = detectors[kind].train()
     # Partly outside, far larger than the image, and entirely outside it.
     rows = [[-30, -20, 40, 50, 0], [50, 40, 200, 90, 1], [-1000, -1000, 5000, 5000, 2], [100, 100, 150, 150, 0]]
-    losses = detector(torch.randn(2, 3, 64, 64), _gt(rows, rows[-1:]))
+    losses = detector(torch.randn(2, 3, 64, 64), gt_batch([rows, rows[-1:]], M=8))
     assert _all_finite(losses)
     sum(losses.values()).backward()
     gradients = [p.grad for p in detector.parameters() if p.grad is not None]
@@ -145,7 +135,7 @@ def _push_boxes_past_the_image(detector):
 def test_sides_not_multiples_of_32_train_and_predict_within_the_true_image(kind, detectors, batch, height, width):
     detector = copy.deepcopy(detectors[kind]).train()
     images = torch.randn(batch, 3, height, width)
-    losses = detector(images, _gt(*[[[5, 6, width - 7, height - 4, 1]]] * batch))
+    losses = detector(images, gt_batch([[[5, 6, width - 7, height - 4, 1]]] * batch, M=8))
     assert _all_finite(losses) and sum(losses.values()) > 0
     detector.eval()
     _push_boxes_past_the_image(detector)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import gt_batch, small_faster_rcnn
 from torch import nn
 from torch.testing import assert_close
 from torchvision.ops import roi_align as torchvision_roi_align
@@ -30,22 +31,6 @@ from two_stage_detector import (
 
 BG = [-1.0] * 5
 NEUTRAL = [-1e8] * 5
-
-
-def _small_faster_rcnn(num_classes: int = 3, fpn_channels: int = 16, **rpn_kwargs) -> FasterRCNN:
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=False)
-    rpn_kwargs = {"anchor_stride_scale": 4, "pre_nms_topk": 100, "post_nms_topk": 30, **rpn_kwargs}
-    rpn = RPN(fpn_channels, [fpn_channels], batch_size_per_image=16, **rpn_kwargs)
-    return FasterRCNN(backbone, rpn, num_classes, stem_channels=[fpn_channels], batch_size_per_image=16)
-
-
-def _gt_batch(rows_per_image, M: int = 5) -> torch.Tensor:
-    """(B, M, 5) ground truth padded with -1 rows."""
-    gt = torch.full((len(rows_per_image), M, 5), -1.0)
-    for b, rows in enumerate(rows_per_image):
-        if rows:
-            gt[b, : len(rows)] = torch.tensor(rows, dtype=torch.float)
-    return gt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +209,7 @@ def test_match_ignores_padding_and_handles_empty_ground_truth():
 def test_match_batch_equals_one_image_at_a_time():
     anchors = torch.rand(50, 2) * 80
     anchors = torch.cat([anchors, anchors + 10 + torch.rand(50, 2) * 40], dim=1)
-    gt = _gt_batch([[[10, 10, 60, 50, 2], [40, 30, 90, 100, 0]], [], [[0, 0, 30, 30, 1]]])
+    gt = gt_batch([[[10, 10, 60, 50, 2], [40, 30, 90, 100, 0]], [], [[0, 0, 30, 30, 1]]])
     per_image_anchors = anchors + torch.arange(3.0)[:, None, None]  # (B, N, 4): each image its own boxes
     for low_quality in (False, True):
         batched = rcnn_match_anchors_to_gt(anchors, gt, (0.3, 0.6), low_quality)
@@ -307,7 +292,7 @@ def _random_feats(B: int, C: int, image_size: int) -> dict:
 def test_rpn_training_outputs_and_proposals():
     rpn = RPN(16, [16], batch_size_per_image=32, anchor_stride_scale=4, pre_nms_topk=60, post_nms_topk=20)
     feats = _random_feats(2, 16, 64)
-    gt = _gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []])
+    gt = gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []])
     output = rpn(feats, FPN_STRIDES, gt)
     assert set(output) == {"proposals", "loss_rpn_obj", "loss_rpn_box"}
     assert set(rpn.training_metrics) == {"metric_rpn_cls_error", "metric_rpn_box_mae"}
@@ -354,7 +339,7 @@ def test_rpn_and_faster_rcnn_defaults_are_the_improved_rules_and_course_options_
     assert not course.allow_low_quality_matches and not course.nms_per_level
     # A 10 x 10 box among 64-px anchors: only the low-quality rule gives it positive anchors.
     feats = _random_feats(1, 16, 64)
-    gt = _gt_batch([[[20, 20, 30, 30, 0]]])
+    gt = gt_batch([[[20, 20, 30, 30, 0]]])
     for module, expected_positive in ((rpn, True), (course, False)):
         anchors = torch.cat(list(module._anchors(feats, FPN_STRIDES).values()))
         matched = rcnn_match_anchors_to_gt(anchors, gt, module.anchor_iou_thresholds, module.allow_low_quality_matches)
@@ -463,7 +448,7 @@ def test_roi_features_and_targets_belong_to_their_own_box():
         for level, s in FPN_STRIDES.items()
     }
     feats = {level: f + 0.01 * torch.rand_like(f) for level, f in feats.items()}  # not constant inside
-    gt = _gt_batch([[[10, 10, 60, 60, 1], [100, 100, 400, 400, 2]], [[0, 0, 500, 480, 0]]])
+    gt = gt_batch([[[10, 10, 60, 60, 1], [100, 100, 400, 400, 2]], [[0, 0, 500, 480, 0]]])
     proposals = [
         torch.tensor([[12.0, 10, 60, 58], [110, 90, 400, 410], [300, 300, 340, 330], [0, 0, 512, 512]]),
         torch.tensor([[0.0, 0, 490, 490], [20, 20, 60, 60], [0, 0, 250, 250]]),
@@ -519,9 +504,9 @@ def test_roi_losses_use_each_rois_own_target():
 
 
 def test_faster_rcnn_losses_finite_with_an_image_without_boxes():
-    model = _small_faster_rcnn()
+    model = small_faster_rcnn()
     images = torch.randn(2, 3, 64, 64)
-    gt = _gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []], M=40)
+    gt = gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []], M=40)
     losses = model(images, gt)
     assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"}  # API.md's four, nothing else
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
@@ -537,7 +522,7 @@ def test_faster_rcnn_losses_finite_with_an_image_without_boxes():
 @pytest.mark.parametrize("bad_label", [3.0, 2.5, -1.0])
 def test_faster_rcnn_rejects_labels_outside_0_to_K_minus_1(bad_label):
     model = FasterRCNN(_StubBackbone(), RPN(4, [], 8), num_classes=3, stem_channels=[])
-    gt = _gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, bad_label]]])
+    gt = gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, bad_label]]])
     with pytest.raises(ValueError, match=rf"{bad_label:g}.*0\.\.2.*K = 3"):
         model(torch.randn(1, 3, 64, 64), gt)
     with pytest.raises(ValueError, match="gt_boxes"):
@@ -545,7 +530,7 @@ def test_faster_rcnn_rejects_labels_outside_0_to_K_minus_1(bad_label):
 
 
 def test_faster_rcnn_predict_and_eval_forward():
-    model = _small_faster_rcnn().eval()
+    model = small_faster_rcnn().eval()
     images = torch.randn(2, 3, 64, 64)
     detections = model.predict(images, score_thresh=0.05, nms_thresh=0.5, max_detections=7)
     assert len(detections) == 2
@@ -651,7 +636,7 @@ def _fcos_faster_rcnn(num_classes: int = 3, fpn_channels: int = 16, **kwargs) ->
 def test_fcos_first_stage_output_contract_and_losses():
     model = _fcos_faster_rcnn()
     images = torch.randn(2, 3, 64, 64)
-    gt = _gt_batch([[[5, 5, 40, 40, 2]], []])
+    gt = gt_batch([[[5, 5, 40, 40, 2]], []])
     losses = model(images, gt)
     assert set(losses) == {"loss_rpn_obj", "loss_rpn_box", "loss_rpn_ctr", "loss_cls", "loss_box"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
@@ -672,7 +657,7 @@ def test_fcos_first_stage_output_contract_and_losses():
 
 def test_fcos_first_stage_without_any_box_and_in_first_stage_wrapper():
     first_stage = tsd.FirstStage(DetectorBackboneWithFPN(16, pretrained=False), tsd.FCOSProposalNetwork(16, [16]))
-    losses = first_stage(torch.randn(2, 3, 64, 64), _gt_batch([[], []]))
+    losses = first_stage(torch.randn(2, 3, 64, 64), gt_batch([[], []]))
     assert losses["loss_rpn_obj"] > 0 and losses["loss_rpn_box"] == 0 and losses["loss_rpn_ctr"] == 0
     assert first_stage.training_metrics["metric_rpn_box_mae"] == 0
     proposals = first_stage.eval()(torch.randn(2, 3, 64, 64))
@@ -692,8 +677,8 @@ def test_first_stage_metrics_hand_computed():
 
 
 def test_rpn_returns_first_stage_metrics():
-    model = _small_faster_rcnn()
-    losses = model(torch.randn(2, 3, 64, 64), _gt_batch([[[5, 5, 40, 40, 1]], []]))
+    model = small_faster_rcnn()
+    losses = model(torch.randn(2, 3, 64, 64), gt_batch([[[5, 5, 40, 40, 1]], []]))
     assert not any(name.startswith("metric_") for name in losses)  # logged, never summed into a loss
     assert set(model.training_metrics) == {"metric_rpn_cls_error", "metric_rpn_box_mae"}
 
@@ -726,13 +711,13 @@ def test_init_from_fcos_with_anchor_rpn_copies_the_backbone_only():
     from one_stage_detector import FCOS
 
     state = FCOS(3, 16, [16], pretrained=False).state_dict()
-    model = _small_faster_rcnn(fpn_channels=16)
+    model = small_faster_rcnn(fpn_channels=16)
     rpn_before = {k: v.clone() for k, v in model.rpn.state_dict().items()}
     copied = tsd.init_from_fcos(model, state)
     assert copied == sorted(k for k in state if k.startswith("backbone."))
     assert all(torch.equal(model.rpn.state_dict()[k], v) for k, v in rpn_before.items())
     with pytest.raises(ValueError, match="do not fit"):
-        tsd.init_from_fcos(_small_faster_rcnn(fpn_channels=8), state)
+        tsd.init_from_fcos(small_faster_rcnn(fpn_channels=8), state)
     with pytest.raises(ValueError, match="FCOS state dict"):
         tsd.init_from_fcos(model, model.state_dict())
 
