@@ -155,8 +155,9 @@ assert (gt_boxes[real][:, 0] < gt_boxes[real][:, 2]).all() and (gt_boxes[real][:
 assert gt_boxes[real][:, :4].min() >= 0 and gt_boxes[real][:, :4].max() <= IMAGE_SIZE
 assert ((gt_boxes[real][:, 4] >= 0) & (gt_boxes[real][:, 4] < NUM_CLASSES)).all()
 print(f"data: {DATA}, {NUM_CLASSES} classes, {len(train_set)} training and {len(val_set)} held-out images")
-print(f"a batch: images {tuple(images.shape)}, gt_boxes {tuple(gt_boxes.shape)}, "
-      f"objects per image {real.sum(1).tolist()}")
+print(
+    f"a batch: images {tuple(images.shape)}, gt_boxes {tuple(gt_boxes.shape)}, objects per image {real.sum(1).tolist()}"
+)
 print("first rows of the first image:\n", gt_boxes[0, :3])
 
 # %% [markdown]
@@ -225,6 +226,7 @@ for level, level_locations in locations.items():
 # %% [markdown]
 # The same grids on one of our images: each dot is a point where FCOS makes a prediction.
 
+
 # %%
 def image_locations(image_size):
     """FPN locations of one square image of our data set."""
@@ -266,8 +268,10 @@ for level, feats in dummy_feats.items():
 initial_probability = torch.sigmoid(class_logits["p3"]).mean().item()
 assert abs(initial_probability - 0.01) < 2e-3, initial_probability
 for level in dummy_feats:
-    print(f"{level}: class logits {tuple(class_logits[level].shape)}, box deltas {tuple(boxreg_deltas[level].shape)}, "
-          f"centerness {tuple(centerness_logits[level].shape)}")
+    print(
+        f"{level}: class logits {tuple(class_logits[level].shape)}, box deltas {tuple(boxreg_deltas[level].shape)}, "
+        f"centerness {tuple(centerness_logits[level].shape)}"
+    )
 print(f"mean initial class probability: {initial_probability:.4f}")
 
 # %% [markdown]
@@ -293,8 +297,11 @@ SIZE_RANGES = {"p3": (0, 64), "p4": (64, 128), "p5": (128, float("inf"))}
 # Two nested boxes and a padding row. The p3 location (20, 20) lies in both boxes (largest distances
 # 40 and 20, both inside p3's range), so the smaller box wins; (50, 50) lies only in the big one.
 nested = torch.tensor([[0, 0, 60, 60, 0], [10, 10, 40, 40, 1], [-1, -1, -1, -1, -1]], dtype=torch.float32)
-few_locations = {"p3": torch.tensor([[20.0, 20.0], [50.0, 50.0]]), "p4": torch.tensor([[200.0, 200.0]]),
-                 "p5": torch.tensor([[200.0, 200.0]])}
+few_locations = {
+    "p3": torch.tensor([[20.0, 20.0], [50.0, 50.0]]),
+    "p4": torch.tensor([[200.0, 200.0]]),
+    "p5": torch.tensor([[200.0, 200.0]]),
+}
 few_matched = fcos_match_locations_to_gt(few_locations, STRIDES, nested)
 torch.testing.assert_close(few_matched["p3"], nested[[1, 0]])
 assert (few_matched["p4"] == -1).all() and (few_matched["p5"] == -1).all(), "outside every box: background"
@@ -427,8 +434,10 @@ for threshold in (0.3, 0.5, 0.7):
     ours_per_class = class_spec_nms(random_boxes, random_scores, random_classes, threshold)
     theirs_per_class = torchvision.ops.batched_nms(random_boxes, random_scores, random_classes, threshold)
     assert torch.equal(ours_per_class, theirs_per_class)
-    print(f"IoU threshold {threshold}: both keep the same {len(ours)} of 5000 boxes "
-          f"({len(ours_per_class)} when NMS runs per class)")
+    print(
+        f"IoU threshold {threshold}: both keep the same {len(ours)} of 5000 boxes "
+        f"({len(ours_per_class)} when NMS runs per class)"
+    )
 
 # %% [markdown]
 # ## The losses
@@ -473,13 +482,20 @@ print("images without objects:", {name: round(value.item(), 4) for name, value i
 # %%
 overfit_set = subset(train_set, OVERFIT_IMAGES)
 overfit_loader = torch.utils.data.DataLoader(
-    overfit_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS,
+    overfit_set,
+    batch_size=BATCH_SIZE,
+    shuffle=True,
+    num_workers=NUM_WORKERS,
     generator=torch.Generator().manual_seed(0),
 )
 a4_helper.reset_seed(0)
 overfit_fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
 overfit_history = a4_helper.train_detector(
-    overfit_fcos, overfit_loader, learning_rate=LEARNING_RATE, max_iters=OVERFIT_ITERS, log_period=LOG_PERIOD,
+    overfit_fcos,
+    overfit_loader,
+    learning_rate=LEARNING_RATE,
+    max_iters=OVERFIT_ITERS,
+    log_period=LOG_PERIOD,
     device=DEVICE,
 )
 # Quick mode only asks for a falling loss; the full run must shed at least a fifth of it.
@@ -492,8 +508,9 @@ show(a4_helper.plot_loss_history(overfit_history))
 
 # %%
 show_predictions(overfit_fcos, overfit_set, range(4), title="FCOS after overfitting: training images")
-overfit_map = a4_helper.evaluate_detector(overfit_fcos, torch.utils.data.DataLoader(overfit_set, batch_size=BATCH_SIZE),
-                                          device=DEVICE)["map"]
+overfit_map = a4_helper.evaluate_detector(
+    overfit_fcos, torch.utils.data.DataLoader(overfit_set, batch_size=BATCH_SIZE), device=DEVICE
+)["map"]
 print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map:.3f}")
 
 # %% [markdown]
@@ -510,8 +527,14 @@ FCOS_CHECKPOINT = FCOS_DIR / "checkpoint.pt"
 a4_helper.reset_seed(0)
 fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
 fcos_history = a4_helper.train_detector(
-    fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD, device=DEVICE,
-    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos").to_dict()},
+    fcos,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=FCOS_CHECKPOINT,
+    metadata={"config": run_config("fcos").to_dict()},
 )
 assert len(fcos_history["total"]) == TRAIN_ITERS
 assert all(torch.isfinite(torch.tensor(values)).all() for values in fcos_history.values())
@@ -548,8 +571,10 @@ assert all(0 <= value <= 1 for value in (fcos_voc["map"], fcos_coco["map"], fcos
 assert fcos_voc["num_images"] == len(val_set)
 
 print(f"FCOS on {fcos_voc['num_images']} held-out images ({fcos_voc['images_per_second']:.1f} images/s)")
-print(f"  mAP@0.5 (VOC): {fcos_voc['map']:.4f}   mAP@[.5:.95] (COCO): {fcos_coco['map']:.4f}   "
-      f"COCO mAP@0.5: {fcos_coco['map_50']:.4f}   mAP@0.75: {fcos_coco['map_75']:.4f}")
+print(
+    f"  mAP@0.5 (VOC): {fcos_voc['map']:.4f}   mAP@[.5:.95] (COCO): {fcos_coco['map']:.4f}   "
+    f"COCO mAP@0.5: {fcos_coco['map_50']:.4f}   mAP@0.75: {fcos_coco['map_75']:.4f}"
+)
 print(f"\n{'class':>14}  AP@0.5")
 for class_index, average_precision in sorted(fcos_voc["ap_per_class"].items()):
     print(f"{IDX_TO_CLASS[class_index]:>14}  {average_precision:.4f}")
@@ -634,15 +659,22 @@ print(f"foreground locations in the batch: {plain_fg} anywhere inside a box, {sa
 a4_helper.reset_seed(0)
 improved_fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED)
 improved_history = a4_helper.train_detector(
-    improved_fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
-    device=DEVICE, checkpoint_path=run_dir("fcos_improved") / "checkpoint.pt",
+    improved_fcos,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=run_dir("fcos_improved") / "checkpoint.pt",
     metadata={"config": run_config("fcos", variant="improved").to_dict()},
 )
 assert loss_fell(improved_history, factor=1.0 if QUICK else 0.8)
 improved_voc = a4_helper.evaluate_detector(improved_fcos, val_loader, device=DEVICE)
 assert 0 <= improved_voc["map"] <= 1
-print(f"mAP@0.5 on the held-out images after {TRAIN_ITERS} iterations: course's FCOS {fcos_voc['map']:.4f}, "
-      f"improved FCOS {improved_voc['map']:.4f}")
+print(
+    f"mAP@0.5 on the held-out images after {TRAIN_ITERS} iterations: course's FCOS {fcos_voc['map']:.4f}, "
+    f"improved FCOS {improved_voc['map']:.4f}"
+)
 
 # %% [markdown]
 # ## Try it on your own photo

@@ -152,8 +152,9 @@ assert (gt_boxes[~real] == -1).all(), "padding rows are all -1"
 assert (gt_boxes[real][:, 0] < gt_boxes[real][:, 2]).all() and (gt_boxes[real][:, 1] < gt_boxes[real][:, 3]).all()
 assert ((gt_boxes[real][:, 4] >= 0) & (gt_boxes[real][:, 4] < NUM_CLASSES)).all()
 print(f"data: {DATA}, {NUM_CLASSES} classes, {len(train_set)} training and {len(val_set)} held-out images")
-print(f"a batch: images {tuple(images.shape)}, gt_boxes {tuple(gt_boxes.shape)}, "
-      f"objects per image {real.sum(1).tolist()}")
+print(
+    f"a batch: images {tuple(images.shape)}, gt_boxes {tuple(gt_boxes.shape)}, objects per image {real.sum(1).tolist()}"
+)
 
 figure, axes = plt.subplots(1, 4, figsize=(16, 4))
 for ax, image, boxes in zip(axes, images, gt_boxes):
@@ -181,15 +182,19 @@ with torch.no_grad():
     objectness_logits, rpn_deltas = rpn_head(dummy_feats)
 
 assert {level: tuple(feats.shape) for level, feats in dummy_feats.items()} == {
-    "p3": (2, 64, 28, 28), "p4": (2, 64, 14, 14), "p5": (2, 64, 7, 7)
+    "p3": (2, 64, 28, 28),
+    "p4": (2, 64, 14, 14),
+    "p5": (2, 64, 7, 7),
 }
 assert objectness_logits["p3"].shape == (2, 2352)
 assert rpn_deltas["p4"].shape == (2, 588, 4)
 for level, feats in dummy_feats.items():
     HWA = feats.shape[2] * feats.shape[3] * 3
     assert objectness_logits[level].shape == (2, HWA) and rpn_deltas[level].shape == (2, HWA, 4)
-    print(f"{level}: features {tuple(feats.shape)}, objectness {tuple(objectness_logits[level].shape)}, "
-          f"box deltas {tuple(rpn_deltas[level].shape)}")
+    print(
+        f"{level}: features {tuple(feats.shape)}, objectness {tuple(objectness_logits[level].shape)}, "
+        f"box deltas {tuple(rpn_deltas[level].shape)}"
+    )
 
 # %% [markdown]
 # ## Anchors
@@ -219,10 +224,17 @@ def sorted_rows(boxes):
 # Ratio 0.5 (height / width): area 64^2 = 4096, width sqrt(4096 / 0.5) = 90.51, height 45.25;
 # around (16, 16) that is x 16 -+ 45.25 = (-29.25, 61.25) and y 16 -+ 22.63 = (-6.63, 38.63).
 expected_anchors = {
-    0.5: torch.tensor([[-29.2548, -6.6274, 61.2548, 38.6274], [-29.2548, 25.3726, 61.2548, 70.6274],
-                       [2.7452, -6.6274, 93.2548, 38.6274], [2.7452, 25.3726, 93.2548, 70.6274]]),
-    1.0: torch.tensor([[-16.0, -16.0, 48.0, 48.0], [-16.0, 16.0, 48.0, 80.0], [16.0, -16.0, 80.0, 48.0],
-                       [16.0, 16.0, 80.0, 80.0]]),
+    0.5: torch.tensor(
+        [
+            [-29.2548, -6.6274, 61.2548, 38.6274],
+            [-29.2548, 25.3726, 61.2548, 70.6274],
+            [2.7452, -6.6274, 93.2548, 38.6274],
+            [2.7452, 25.3726, 93.2548, 70.6274],
+        ]
+    ),
+    1.0: torch.tensor(
+        [[-16.0, -16.0, 48.0, 48.0], [-16.0, 16.0, 48.0, 80.0], [16.0, -16.0, 80.0, 48.0], [16.0, 16.0, 80.0, 80.0]]
+    ),
 }
 expected_anchors[2.0] = expected_anchors[0.5][:, [1, 0, 3, 2]]  # ratio 2: ratio 0.5 with x and y swapped
 for a, ratio in enumerate([0.5, 1.0, 2.0]):
@@ -302,8 +314,10 @@ torch.testing.assert_close(iou(ALL_ANCHORS[positive], matched[positive, :4]).dia
 fg_idx, bg_idx = sample_rpn_training(matched, num_samples=16, fg_fraction=0.5)
 assert len(fg_idx) <= 8 and len(fg_idx) + len(bg_idx) <= 16
 assert positive[fg_idx].all() and negative[bg_idx].all() and not set(fg_idx.tolist()) & set(bg_idx.tolist())
-print(f"{len(ALL_ANCHORS)} anchors: {int(positive.sum())} positive, {int(negative.sum())} negative, "
-      f"{int(neutral.sum())} neutral; sampled {len(fg_idx)} positive and {len(bg_idx)} negative for the loss")
+print(
+    f"{len(ALL_ANCHORS)} anchors: {int(positive.sum())} positive, {int(negative.sum())} negative, "
+    f"{int(neutral.sum())} neutral; sampled {len(fg_idx)} positive and {len(bg_idx)} negative for the loss"
+)
 
 # Anchors drawn as dashed boxes (clipped to the image), labelled with their class (or "background")
 # and their best IoU.
@@ -312,8 +326,10 @@ shown_anchors = common.clip_boxes_to_image(ALL_ANCHORS, (IMAGE_SIZE, IMAGE_SIZE)
 positive_rows = torch.cat([shown_anchors[positive], matched[positive, 4:], best_iou[positive, None]], dim=1)
 negative_rows = torch.cat([shown_anchors[bg_idx], torch.full((len(bg_idx), 1), NUM_CLASSES), best_iou[bg_idx, None]], 1)
 figure, axes = plt.subplots(1, 2, figsize=(12, 6))
-for ax, rows, title in [(axes[0], positive_rows, f"positive anchors (IoU >= {high})"),
-                        (axes[1], negative_rows, f"sampled negative anchors (IoU < {low})")]:
+for ax, rows, title in [
+    (axes[0], positive_rows, f"positive anchors (IoU >= {high})"),
+    (axes[1], negative_rows, f"sampled negative anchors (IoU < {low})"),
+]:
     a4_helper.detection_visualizer(image, names, bbox=boxes, pred=rows, ax=ax)
     ax.set_title(title)
 show(figure)
@@ -373,10 +389,18 @@ print("a wild dw = dh = 50 decodes to the finite box", decoded[0].tolist(), "and
 # %%
 a4_helper.reset_seed(0)
 fpn = DetectorBackboneWithFPN(FPN_CHANNELS, pretrained=False)
-rpn = RPN(FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80,
-          **COURSE_RPN)
+rpn = RPN(
+    FPN_CHANNELS,
+    [FPN_CHANNELS, FPN_CHANNELS],
+    batch_size_per_image=16,
+    pre_nms_topk=400,
+    post_nms_topk=80,
+    **COURSE_RPN,
+)
 assert (rpn.anchor_stride_scale, rpn.anchor_aspect_ratios, rpn.anchor_iou_thresholds) == (
-    STRIDE_SCALE, ASPECT_RATIOS, ANCHOR_IOU_THRESHOLDS
+    STRIDE_SCALE,
+    ASPECT_RATIOS,
+    ANCHOR_IOU_THRESHOLDS,
 )
 rpn.train()
 feats = fpn(images)
@@ -406,6 +430,7 @@ print("images without objects:", {k: round(v.item(), 4) for k, v in empty.items(
 # proposal covers. Below we measure, on the training images, the fraction of objects with a proposal
 # at IoU >= 0.5, before and after training.
 
+
 # %%
 def recall_at_iou(first_stage, loader, threshold=0.5):
     """Fraction of ground-truth objects that some proposal overlaps with IoU >= threshold."""
@@ -423,7 +448,10 @@ def recall_at_iou(first_stage, loader, threshold=0.5):
 
 overfit_set = subset(train_set, OVERFIT_IMAGES)
 overfit_loader = torch.utils.data.DataLoader(
-    overfit_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS,
+    overfit_set,
+    batch_size=BATCH_SIZE,
+    shuffle=True,
+    num_workers=NUM_WORKERS,
     generator=torch.Generator().manual_seed(0),
 )
 overfit_eval_loader = torch.utils.data.DataLoader(overfit_set, batch_size=BATCH_SIZE)
@@ -431,12 +459,22 @@ overfit_eval_loader = torch.utils.data.DataLoader(overfit_set, batch_size=BATCH_
 a4_helper.reset_seed(0)
 first_stage = FirstStage(
     DetectorBackboneWithFPN(FPN_CHANNELS, pretrained=PRETRAINED),
-    RPN(FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], batch_size_per_image=16, pre_nms_topk=400, post_nms_topk=80,
-        **COURSE_RPN),
+    RPN(
+        FPN_CHANNELS,
+        [FPN_CHANNELS, FPN_CHANNELS],
+        batch_size_per_image=16,
+        pre_nms_topk=400,
+        post_nms_topk=80,
+        **COURSE_RPN,
+    ),
 )
 recall_before = recall_at_iou(first_stage, overfit_eval_loader)
 rpn_history = a4_helper.train_detector(
-    first_stage, overfit_loader, learning_rate=LEARNING_RATE, max_iters=OVERFIT_ITERS, log_period=LOG_PERIOD,
+    first_stage,
+    overfit_loader,
+    learning_rate=LEARNING_RATE,
+    max_iters=OVERFIT_ITERS,
+    log_period=LOG_PERIOD,
     device=DEVICE,
 )
 recall_after = recall_at_iou(first_stage, overfit_eval_loader)
@@ -496,6 +534,7 @@ print({f"{int(side)}px": list(STRIDES)[level] for side, level in zip(sides, roi_
 # checks below test exactly that: every foreground RoI overlaps its target by at least 0.5 and the target is
 # an object of the RoI's own image; and shuffling the RoIs shuffles their features row for row.
 
+
 # %%
 def build_faster_rcnn(pretrained, variant="course"):
     """Faster R-CNN as `detect.py` builds it (`experiment.build_detector`): backbone + FPN, RPN, and the RoI head;
@@ -528,8 +567,10 @@ for i in range(len(images)):
     assert (iou(background_rois, objects).amax(1) < 0.5).all()
 torch.testing.assert_close(permuted_feats, roi_feats[permutation])
 levels_used = torch.bincount(rcnn_assign_rois_to_fpn_levels(rois[:, 1:], STRIDES), minlength=3).tolist()
-print(f"{len(rois)} RoIs for {len(images)} images ({int(foreground.sum())} foreground); "
-      f"RoIs per level p3/p4/p5: {levels_used}; RoI features {tuple(roi_feats.shape)}")
+print(
+    f"{len(rois)} RoIs for {len(images)} images ({int(foreground.sum())} foreground); "
+    f"RoIs per level p3/p4/p5: {levels_used}; RoI features {tuple(roi_feats.shape)}"
+)
 
 # %% [markdown]
 # **At test time** every proposal gets K class scores and K boxes; the pairs above a score threshold go
@@ -561,11 +602,22 @@ for threshold in (0.3, 0.5, 0.7):
 a4_helper.reset_seed(0)
 overfit_rcnn = build_faster_rcnn(PRETRAINED)
 overfit_history = a4_helper.train_detector(
-    overfit_rcnn, overfit_loader, learning_rate=LEARNING_RATE, max_iters=OVERFIT_ITERS, log_period=LOG_PERIOD,
+    overfit_rcnn,
+    overfit_loader,
+    learning_rate=LEARNING_RATE,
+    max_iters=OVERFIT_ITERS,
+    log_period=LOG_PERIOD,
     device=DEVICE,
 )
-assert set(overfit_history) == {"loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box", "total",
-                                "metric_rpn_cls_error", "metric_rpn_box_mae"}  # metrics are logged, not trained on
+assert set(overfit_history) == {
+    "loss_rpn_obj",
+    "loss_rpn_box",
+    "loss_cls",
+    "loss_box",
+    "total",
+    "metric_rpn_cls_error",
+    "metric_rpn_box_mae",
+}  # metrics are logged, not trained on
 assert loss_fell(overfit_history, factor=1.0 if QUICK else 0.8)
 show(a4_helper.plot_loss_history(overfit_history))
 
@@ -588,8 +640,14 @@ RCNN_CHECKPOINT = RCNN_DIR / "checkpoint.pt"
 a4_helper.reset_seed(0)
 faster_rcnn = build_faster_rcnn(PRETRAINED)
 rcnn_history = a4_helper.train_detector(
-    faster_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
-    device=DEVICE, checkpoint_path=RCNN_CHECKPOINT, metadata={"config": run_config("faster_rcnn").to_dict()},
+    faster_rcnn,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=RCNN_CHECKPOINT,
+    metadata={"config": run_config("faster_rcnn").to_dict()},
 )
 assert len(rcnn_history["total"]) == TRAIN_ITERS
 assert all(torch.isfinite(torch.tensor(values)).all() for values in rcnn_history.values())
@@ -665,8 +723,14 @@ if FCOS_CHECKPOINT.exists():
 a4_helper.reset_seed(0)
 fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
 fcos_history = a4_helper.train_detector(
-    fcos, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD, device=DEVICE,
-    checkpoint_path=FCOS_CHECKPOINT, metadata={"config": run_config("fcos").to_dict()},
+    fcos,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=FCOS_CHECKPOINT,
+    metadata={"config": run_config("fcos").to_dict()},
 )
 assert len(fcos_history["total"]) == TRAIN_ITERS
 fcos_voc = a4_helper.evaluate_detector(fcos, val_loader, score_thresh=0.05, nms_thresh=0.5, device=DEVICE)
@@ -724,15 +788,22 @@ copied = two_stage_detector.init_from_fcos(fcos_faster_rcnn, fcos.state_dict())
 assert torch.equal(fcos_faster_rcnn.rpn.pred_net.pred_box.weight.cpu(), fcos.pred_net.pred_box.weight.cpu())
 print(f"copied {len(copied)} tensors from the trained FCOS (backbone and first stage)")
 fcos_rpn_history = a4_helper.train_detector(
-    fcos_faster_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
-    device=DEVICE, checkpoint_path=FCOS_RPN_DIR / "checkpoint.pt",
+    fcos_faster_rcnn,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=FCOS_RPN_DIR / "checkpoint.pt",
     metadata={"config": run_config("faster_rcnn", first_stage="fcos").to_dict()},
 )
 assert {"loss_rpn_ctr", "metric_rpn_cls_error", "metric_rpn_box_mae"} <= set(fcos_rpn_history)
 assert all(torch.isfinite(torch.tensor(values)).all() for values in fcos_rpn_history.values())
 for name, history in [("anchor RPN", rcnn_history), ("FCOS first stage", fcos_rpn_history)]:
-    print(f"{name:>17}: last objectness error {history['metric_rpn_cls_error'][-1]:.3f}, "
-          f"box-delta MAE {history['metric_rpn_box_mae'][-1]:.3f}")
+    print(
+        f"{name:>17}: last objectness error {history['metric_rpn_cls_error'][-1]:.3f}, "
+        f"box-delta MAE {history['metric_rpn_box_mae'][-1]:.3f}"
+    )
 
 
 # %%
@@ -810,32 +881,46 @@ for b in range(len(gt_boxes)):
     is_best = (overlaps == overlaps.amax(1, keepdim=True)) & (overlaps > 0)
     assert (paper_match[b][is_best.any(0), 4] >= 0).all(), "every object's best anchors are positive"
 assert course_missing >= paper_missing
-print(f"{int(real_rows.sum())} objects: {course_missing} without a positive anchor under the course's rule, "
-      f"{paper_missing} with the paper's second rule")
+print(
+    f"{int(real_rows.sum())} objects: {course_missing} without a positive anchor under the course's rule, "
+    f"{paper_missing} with the paper's second rule"
+)
 
 a4_helper.reset_seed(0)
 course_head = build_faster_rcnn(pretrained=False, variant="course")
 improved_head = build_faster_rcnn(pretrained=False, variant="improved")
 with torch.no_grad():
-    stem_outputs = {name: model.roi_stem(roi_feats).std().item()
-                    for name, model in (("N(0, 0.01)", course_head), ("He", improved_head))}
+    stem_outputs = {
+        name: model.roi_stem(roi_feats).std().item()
+        for name, model in (("N(0, 0.01)", course_head), ("He", improved_head))
+    }
 assert stem_outputs["He"] > 5 * stem_outputs["N(0, 0.01)"], "He's init keeps the signal; N(0, 0.01) shrinks it"
-print("std of the RoI stem's output on the RoI features above:",
-      {name: f"{value:.2e}" for name, value in stem_outputs.items()}, f"(input {roi_feats.std().item():.2e})")
+print(
+    "std of the RoI stem's output on the RoI features above:",
+    {name: f"{value:.2e}" for name, value in stem_outputs.items()},
+    f"(input {roi_feats.std().item():.2e})",
+)
 
 # %%
 a4_helper.reset_seed(0)
 improved_rcnn = build_faster_rcnn(PRETRAINED, variant="improved")
 improved_history = a4_helper.train_detector(
-    improved_rcnn, make_train_loader(), learning_rate=LEARNING_RATE, max_iters=TRAIN_ITERS, log_period=LOG_PERIOD,
-    device=DEVICE, checkpoint_path=run_dir("faster_rcnn_improved") / "checkpoint.pt",
+    improved_rcnn,
+    make_train_loader(),
+    learning_rate=LEARNING_RATE,
+    max_iters=TRAIN_ITERS,
+    log_period=LOG_PERIOD,
+    device=DEVICE,
+    checkpoint_path=run_dir("faster_rcnn_improved") / "checkpoint.pt",
     metadata={"config": run_config("faster_rcnn", variant="improved").to_dict()},
 )
 assert loss_fell(improved_history, factor=1.0 if QUICK else 0.8)
 improved_voc = a4_helper.evaluate_detector(improved_rcnn, val_loader, device=DEVICE)
 assert 0 <= improved_voc["map"] <= 1
-print(f"mAP@0.5 on the held-out images after {TRAIN_ITERS} iterations: course's Faster R-CNN "
-      f"{rcnn_voc['map']:.4f}, improved Faster R-CNN {improved_voc['map']:.4f}")
+print(
+    f"mAP@0.5 on the held-out images after {TRAIN_ITERS} iterations: course's Faster R-CNN "
+    f"{rcnn_voc['map']:.4f}, improved Faster R-CNN {improved_voc['map']:.4f}"
+)
 
 # %% [markdown]
 # ## Try it on your own photo

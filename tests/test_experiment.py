@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import re
 
 import pytest
 
@@ -9,6 +11,7 @@ import experiment
 from experiment import RECIPES, RunConfig, build_detector
 from two_stage_detector import RPN, FCOSProposalNetwork
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {0: "cat", 1: "dog"}
 
 
@@ -43,3 +46,15 @@ def test_recipes_are_the_documented_ones():
     assert (synthetic.image_size, synthetic.batch_size, synthetic.iters, synthetic.optimizer) == (128, 8, 700, "adamw")
     assert (voc.image_size, voc.batch_size, voc.fpn_channels, voc.iters, voc.optimizer) == (224, 16, 128, 9000, "sgd")
     assert experiment.CACHED_BY_DEFAULT == {"voc2007"}
+
+
+def test_the_readmes_python_example_runs_and_does_what_it_says(capsys):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Using it from Python", 1)[1]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(example, "README.md (Using it from Python)", "exec"), namespace)
+    assert namespace["images"].shape == (4, 3, 128, 128)
+    assert len(namespace["predictions"]) == 4 and set(namespace["predictions"][0]) == {"boxes", "labels", "scores"}
+    assert 0 <= namespace["result"]["map"] <= 1 and len(namespace["history"]["total"]) == 30
+    assert "mAP@0.5" in capsys.readouterr().out
