@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from common import DetectorBackboneWithFPN
-from detection_data import SyntheticDetection, VOC2007DetectionTiny
+from detection_data import SyntheticDetection, VOC2007DetectionTiny, denormalize_image
 from drawing import _pyplot, detection_visualizer
 from evaluation import compute_map, gt_boxes_to_targets, inference_with_detector, plot_precision_recall
 from experiment import RunConfig
@@ -191,6 +191,28 @@ class NotebookRun:
         figure.suptitle(title, y=1.02)
         show(figure)
         return compute_map(results, ground_truths, num_classes)
+
+    def try_on_photo(self, detector, photo=None, upload: bool = False):
+        """Detect objects in a whole photo (``photos.predict_photos``, as ``detect.py predict`` does) and
+        return the picture with the detections drawn. ``photo``: a path; ``upload``: pick one on Colab;
+        neither: two held-out images side by side stand in for a photo twice as wide as it is high."""
+        import numpy as np
+        from PIL import Image
+
+        import photos
+
+        if upload:
+            photo = photos.upload_photo()
+        if photo is None:
+            pair = [denormalize_image(self.val_set[i][1]) for i in range(2)]
+            photo = self.run_dir("photo") / "two_held_out_images.png"
+            Image.fromarray(np.concatenate(pair, axis=1)).save(photo)
+        size = self.sizes.image_size
+        [found] = photos.predict_photos(detector, [photo], size, 2 * size, device=self.device)
+        photo_size = torch.tensor([found["width"], found["height"]] * 2)
+        assert ((found["boxes"] >= 0) & (found["boxes"] <= photo_size)).all(), "boxes lie inside the photo"
+        print(f"{photo}: {found['width']} x {found['height']} pixels, {len(found['boxes'])} detections, score >= 0.3")
+        return photos.draw_detections(photo, found, self.idx_to_class)
 
 
 def _try_imagenet_weights() -> bool:

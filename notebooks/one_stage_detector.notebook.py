@@ -687,23 +687,9 @@ print(
 # no photo given, two held-out images side by side stand in for a photo twice as wide as it is high.
 
 # %%
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import photos  # noqa: E402
-
 PHOTO = None  # e.g. "my_photo.jpg"
 UPLOAD = False  # on Colab: True opens a file picker
-if UPLOAD:
-    PHOTO = photos.upload_photo()
-if PHOTO is None:
-    PHOTO = run_dir("photo") / "two_held_out_images.png"
-    Image.fromarray(np.concatenate([a4_helper.denormalize_image(val_set[i][1]) for i in range(2)], axis=1)).save(PHOTO)
-[found] = photos.predict_photos(improved_fcos, [PHOTO], IMAGE_SIZE, 2 * IMAGE_SIZE, device=DEVICE)
-photo_size = torch.tensor([found["width"], found["height"]] * 2)
-assert ((found["boxes"] >= 0) & (found["boxes"] <= photo_size)).all(), "boxes lie inside the photo"
-print(f"{PHOTO}: {found['width']} x {found['height']} pixels, {len(found['boxes'])} detections with score >= 0.3")
-display(photos.draw_detections(PHOTO, found, IDX_TO_CLASS))
+display(RUN.try_on_photo(improved_fcos, PHOTO, upload=UPLOAD))
 
 # %% [markdown]
 # ## Where to go from here

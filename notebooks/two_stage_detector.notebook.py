@@ -925,31 +925,13 @@ print(
 # %% [markdown]
 # ## Try it on your own photo
 #
-# The detector has only seen square crops of `IMAGE_SIZE` pixels. `photos.predict_photos` runs it on a whole
-# photo of any shape, as `detect.py predict` does: the photo is scaled so that its short side is `IMAGE_SIZE`
-# (and its long side at most twice that), padded to a multiple of 32, and the boxes come back in the photo's
-# own pixels. Set `PHOTO` to the path of a photo, or on Colab set `UPLOAD = True` to pick one from your
-# computer. A detector trained on the synthetic shapes finds shapes, not cats: train on VOC for that. With
-# no photo given, two held-out images side by side stand in for a photo twice as wide as it is high.
+# As at the end of the FCOS notebook: set `PHOTO` to the path of a photo, or on Colab `UPLOAD = True`; the
+# detector sees the whole photo and its boxes come back in the photo's own pixels.
 
 # %%
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import photos  # noqa: E402
-
 PHOTO = None  # e.g. "my_photo.jpg"
 UPLOAD = False  # on Colab: True opens a file picker
-if UPLOAD:
-    PHOTO = photos.upload_photo()
-if PHOTO is None:
-    PHOTO = run_dir("photo") / "two_held_out_images.png"
-    Image.fromarray(np.concatenate([a4_helper.denormalize_image(val_set[i][1]) for i in range(2)], axis=1)).save(PHOTO)
-[found] = photos.predict_photos(improved_rcnn, [PHOTO], IMAGE_SIZE, 2 * IMAGE_SIZE, device=DEVICE)
-photo_size = torch.tensor([found["width"], found["height"]] * 2)
-assert ((found["boxes"] >= 0) & (found["boxes"] <= photo_size)).all(), "boxes lie inside the photo"
-print(f"{PHOTO}: {found['width']} x {found['height']} pixels, {len(found['boxes'])} detections with score >= 0.3")
-display(photos.draw_detections(PHOTO, found, IDX_TO_CLASS))
+display(RUN.try_on_photo(improved_rcnn, PHOTO, upload=UPLOAD))
 
 # %% [markdown]
 # ## Where to go from here
