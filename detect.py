@@ -62,49 +62,27 @@ def _number(text: str, kind: type):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
+def _checked(kind: type, holds, requirement: str):
+    """An option type: ``text`` as ``kind``, refused with "must be <requirement>" unless ``holds(value)``."""
+
+    def parse(text: str):
+        value = _number(text, kind)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def image_side(text: str) -> int:
-    """A side the backbone takes: a positive multiple of its largest stride, 32."""
-    value = _number(text, int)
-    if value <= 0 or value % photos.SIZE_DIVISOR:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive multiple of {photos.SIZE_DIVISOR} (128, 224, ...), got {text}"
-        )
-    return value
+positive_int = _checked(int, lambda value: value > 0, "a positive whole number")
+nonnegative_int = _checked(int, lambda value: value >= 0, "0 or more")
+positive_float = _checked(float, lambda value: value > 0, "greater than 0")
+nonnegative_float = _checked(float, lambda value: value >= 0, "0 or more")
+probability = _checked(float, lambda value: 0 <= value <= 1, "between 0 and 1")
+# A side the backbone takes: a positive multiple of its largest stride.
+image_side = _checked(
+    int, lambda value: value > 0 and value % photos.SIZE_DIVISOR == 0, f"a positive multiple of {photos.SIZE_DIVISOR}"
+)
 
 
 def _resolve_device(name: str) -> torch.device:
