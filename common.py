@@ -253,6 +253,7 @@ def get_fpn_location_coords(
     Returns:
         {level: (Hl*Wl, 2)} of ``(x, y)``; row ``i * Wl + j`` is ``((j + 0.5) * s, (i + 0.5) * s)``.
     """
+    # BEGIN SOLUTION
     locations = {}
     for level, shape in shape_per_fpn_level.items():
         stride = strides_per_fpn_level[level]
@@ -262,6 +263,7 @@ def get_fpn_location_coords(
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         locations[level] = torch.stack([grid_x, grid_y], dim=-1).reshape(Hl * Wl, 2)  # (Hl, Wl, 2) -> (HlWl, 2)
     return locations
+    # END SOLUTION
 
 
 @functools.lru_cache(maxsize=16)
@@ -307,6 +309,7 @@ def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     Returns:
         (M, N) IoU in [0, 1]. Pairs whose union is empty (two zero-area boxes) give 0, never NaN.
     """
+    # BEGIN SOLUTION
     x1 = torch.maximum(boxes1[:, None, 0], boxes2[None, :, 0])  # (M, N)
     y1 = torch.maximum(boxes1[:, None, 1], boxes2[None, :, 1])
     x2 = torch.minimum(boxes1[:, None, 2], boxes2[None, :, 2])
@@ -314,6 +317,7 @@ def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     intersection = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - intersection
     return intersection / union.clamp(min=torch.finfo(union.dtype).tiny)
+    # END SOLUTION
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
@@ -333,6 +337,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
     Returns:
         (num_kept,) ``long`` indices into ``boxes``, by decreasing score.
     """
+    # BEGIN SOLUTION
     order = scores.argsort(descending=True, stable=True)
     if not boxes.dtype.is_floating_point or boxes.element_size() < 4:
         boxes = boxes.float()
@@ -354,6 +359,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
             block_keep = new_keep
         keep[start : start + _NMS_BLOCK] = block_keep
     return order[keep]
+    # END SOLUTION
 
 
 def class_spec_nms(

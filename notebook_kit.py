@@ -224,10 +224,40 @@ def _try_imagenet_weights() -> bool:
         return False
 
 
+# The stubs of the student release (tools/make_assignment.py) raise NotImplementedError with this in the message.
+STUB_MARK = "is yours to write"
+
+
+def _brief_unwritten_step(shell, etype, value, tb, tb_offset=None):
+    """IPython's handler for NotImplementedError: a stub of the student release shows as its one-line
+    message (which function to write, which step explains it); any other one keeps its traceback. The
+    cell still fails, so that "Run all" stops there."""
+    import sys
+
+    if STUB_MARK in str(value):
+        print(f"Not written yet: {value}", file=sys.stderr)
+    else:
+        traceback = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+        print("\n".join(traceback), file=sys.stderr)
+    return []
+
+
+def _show_unwritten_steps_briefly() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc((NotImplementedError,), _brief_unwritten_step)
+
+
 def setup(name: str, root: Path, quick: bool) -> NotebookRun:
     """A notebook's run: sizes, device, weights (ImageNet outside quick mode, when available) and run folder
     (``DETECT_RUN_DIR`` when a test runner sets it; in quick mode a temporary folder the last cell removes;
-    else ``runs/notebooks``). Prints what it chose."""
+    else ``runs/notebooks``). Prints what it chose. In the student release, a step not written yet then
+    stops the notebook with one line naming the function to write instead of a traceback."""
+    _show_unwritten_steps_briefly()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"repository: {root}\ndevice: {device}; quick mode: {quick}")
     if device.type == "cpu" and not quick:

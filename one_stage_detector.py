@@ -70,6 +70,7 @@ class FCOSPredictionNetwork(nn.Module):
         learnable_scales: bool = False,
         nonnegative_deltas: bool = False,
     ):
+        # BEGIN SOLUTION
         super().__init__()
         self.nonnegative_deltas = nonnegative_deltas
         self.stem_cls, stem_out = conv_stem(in_channels, stem_channels, group_norm)
@@ -84,6 +85,7 @@ class FCOSPredictionNetwork(nn.Module):
         # RetinaNet 4.1 / FCOS 3.1: start every class at probability 0.01 so that the many
         # background locations do not swamp the focal loss in the first iterations.
         nn.init.constant_(self.pred_cls.bias, -math.log(99))
+        # END SOLUTION
 
     def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:
         """Args: {level: (B, C, Hl, Wl)}.
@@ -91,6 +93,7 @@ class FCOSPredictionNetwork(nn.Module):
         Returns:
             ``[class_logits, boxreg_deltas, centerness_logits]``, each ``{level: (B, Hl*Wl, K | 4 | 1)}``.
         """
+        # BEGIN SOLUTION
         class_logits, boxreg_deltas, centerness_logits = {}, {}, {}
         for level_index, (level, feats) in enumerate(feats_per_fpn_level.items()):
             box_feats = self.stem_box(feats)
@@ -103,6 +106,7 @@ class FCOSPredictionNetwork(nn.Module):
             boxreg_deltas[level] = _flatten_head_output(deltas)
             centerness_logits[level] = _flatten_head_output(self.pred_ctr(box_feats))
         return [class_logits, boxreg_deltas, centerness_logits]
+        # END SOLUTION
 
 
 def _fcos_size_range(level_index: int, num_levels: int, stride: int) -> Tuple[float, float]:
@@ -141,6 +145,7 @@ def fcos_match_locations_to_gt(
         {level: (Hl*Wl, 5)} (or (B, Hl*Wl, 5) for a batch): the matched GT row of each location,
         ``(-1, -1, -1, -1, -1)`` for background.
     """
+    # BEGIN SOLUTION
     single_image = gt_boxes.dim() == 2
     batched_gt = gt_boxes[None] if single_image else gt_boxes  # (B, M, 5)
     if batched_gt.shape[1] == 0:  # no rows at all: one padding row keeps the shapes simple
@@ -176,6 +181,7 @@ def fcos_match_locations_to_gt(
         level_matched[torch.isinf(best_cost)] = background
         matched[level] = level_matched[0] if single_image else level_matched
     return matched
+    # END SOLUTION
 
 
 def fcos_get_deltas_from_locations(locations: torch.Tensor, gt_boxes: torch.Tensor, stride: int) -> torch.Tensor:
@@ -186,11 +192,13 @@ def fcos_get_deltas_from_locations(locations: torch.Tensor, gt_boxes: torch.Tens
     Returns:
         (N, 4) deltas ``(l, t, r, b) / stride``; background rows give ``-1``.
     """
+    # BEGIN SOLUTION
     x, y = locations[:, 0], locations[:, 1]
     deltas = (
         torch.stack([x - gt_boxes[:, 0], y - gt_boxes[:, 1], gt_boxes[:, 2] - x, gt_boxes[:, 3] - y], dim=1) / stride
     )
     return deltas.masked_fill(is_background(gt_boxes)[:, None], BACKGROUND)
+    # END SOLUTION
 
 
 def fcos_apply_deltas_to_locations(deltas: torch.Tensor, locations: torch.Tensor, stride: int) -> torch.Tensor:
@@ -204,9 +212,11 @@ def fcos_apply_deltas_to_locations(deltas: torch.Tensor, locations: torch.Tensor
     Returns:
         (N, 4) boxes ``(x1, y1, x2, y2)``.
     """
+    # BEGIN SOLUTION
     distances = deltas.clamp(min=0) * stride
     x, y = locations[:, 0], locations[:, 1]
     return torch.stack([x - distances[:, 0], y - distances[:, 1], x + distances[:, 2], y + distances[:, 3]], dim=1)
+    # END SOLUTION
 
 
 def fcos_make_centerness_targets(deltas: torch.Tensor) -> torch.Tensor:
@@ -217,12 +227,14 @@ def fcos_make_centerness_targets(deltas: torch.Tensor) -> torch.Tensor:
     Returns:
         (N,) centerness in [0, 1]; background rows give -1.
     """
+    # BEGIN SOLUTION
     left_right, top_bottom = deltas[:, 0::2], deltas[:, 1::2]
     ratio = (left_right.amin(dim=1) * top_bottom.amin(dim=1)) / (left_right.amax(dim=1) * top_bottom.amax(dim=1)).clamp(
         min=torch.finfo(deltas.dtype).tiny
     )
     centerness = ratio.clamp(min=0).sqrt()
     return centerness.masked_fill(is_background(deltas), BACKGROUND)
+    # END SOLUTION
 
 
 def _ltrb_area(deltas: torch.Tensor) -> torch.Tensor:
@@ -242,6 +254,7 @@ def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> to
     Returns:
         (N,) ``1 - GIoU``.
     """
+    # BEGIN SOLUTION
     inner = torch.minimum(pred_deltas, target_deltas)
     outer = torch.maximum(pred_deltas, target_deltas)
     pred_area, target_area = _ltrb_area(pred_deltas), _ltrb_area(target_deltas)
@@ -250,6 +263,7 @@ def fcos_giou_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> to
     tiny = torch.finfo(pred_deltas.dtype).tiny
     giou = intersection / union.clamp(min=tiny) - (enclosing - union) / enclosing.clamp(min=tiny)
     return 1.0 - giou
+    # END SOLUTION
 
 
 @torch.no_grad()
@@ -309,6 +323,7 @@ def fcos_losses(
     Returns:
         ``{"loss_cls", "loss_box", "loss_ctr"}`` scalars.
     """
+    # BEGIN SOLUTION
     labels = matched_gt_boxes[..., 4]
     foreground = labels >= 0  # (B, HW)
     # Under DDP, the mean count over ranks: the ranks' averaged gradient is then that of one process
@@ -345,6 +360,7 @@ def fcos_losses(
         "loss_box": loss_box,
         "loss_ctr": loss_ctr / num_foreground,
     }
+    # END SOLUTION
 
 
 def fcos_level_candidates(
@@ -369,6 +385,7 @@ def fcos_level_candidates(
     Returns:
         boxes (B, T, 4), labels (B, T) ``long``, scores (B, T), T = ``min(topk, HlWl * K)``, by decreasing score.
     """
+    # BEGIN SOLUTION
     B, HlWl, K = cls_logits.shape
     scores = torch.sqrt(cls_logits.sigmoid() * ctr_logits.sigmoid()).flatten(1)  # (B, HlWl*K)
     top_scores, top_index = scores.topk(min(topk, HlWl * K), dim=1)
@@ -376,6 +393,7 @@ def fcos_level_candidates(
     deltas = torch.gather(boxreg_deltas, 1, location_index[..., None].expand(-1, -1, 4))
     boxes = fcos_apply_deltas_to_locations(deltas.flatten(0, 1), locations[location_index.flatten()], stride)
     return clip_boxes_to_image(boxes.view(B, -1, 4), image_size), labels, top_scores  # (B*T, 4) -> (B, T, 4)
+    # END SOLUTION
 
 
 # The course's original FCOS: FCOS(num_classes, fpn_channels, stem_channels, **COURSE_FCOS).
@@ -527,6 +545,7 @@ class FCOS(nn.Module):
         Returns:
             B dicts ``{"boxes": (N, 4), "labels": (N,) long, "scores": (N,)}``.
         """
+        # BEGIN SOLUTION
         B, _, H, W = images.shape
         locations, *head_outputs = self._run_network(images)
         # Scores and boxes in float32 even when the network ran in bf16 (8 bits are too coarse for pixels).
@@ -553,3 +572,4 @@ class FCOS(nn.Module):
             boxes, scores, labels, image_ids, B, self.num_classes, nms_thresh, self.max_detections
         )
         return [{"boxes": boxes[part], "labels": labels[part], "scores": scores[part]} for part in parts]
+        # END SOLUTION

@@ -89,6 +89,7 @@ class RPNPredictionNetwork(nn.Module):
     """
 
     def __init__(self, in_channels: int, stem_channels: Sequence[int], num_anchors: int = 3):
+        # BEGIN SOLUTION
         super().__init__()
         self.num_anchors = num_anchors
         self.stem_rpn, stem_out = conv_stem(in_channels, stem_channels)
@@ -97,6 +98,7 @@ class RPNPredictionNetwork(nn.Module):
         for conv in (self.pred_obj, self.pred_box):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
+        # END SOLUTION
 
     def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:
         """Args: {level: (B, C, Hl, Wl)}.
@@ -105,6 +107,7 @@ class RPNPredictionNetwork(nn.Module):
             ``[obj_logits {level: (B, Hl*Wl*A)}, boxreg_deltas {level: (B, Hl*Wl*A, 4)}]``; anchor
             ``a`` of row-major location ``loc`` is at index ``loc * A + a``.
         """
+        # BEGIN SOLUTION
         obj_logits, boxreg_deltas = {}, {}
         for level, feats in feats_per_fpn_level.items():
             B, _, Hl, Wl = feats.shape
@@ -113,6 +116,7 @@ class RPNPredictionNetwork(nn.Module):
             deltas = self.pred_box(stem).permute(0, 2, 3, 1)  # (B, A*4, Hl, Wl) -> (B, Hl, Wl, A*4)
             boxreg_deltas[level] = deltas.reshape(B, Hl * Wl * self.num_anchors, 4)
         return [obj_logits, boxreg_deltas]
+        # END SOLUTION
 
 
 def generate_fpn_anchors(
@@ -134,6 +138,7 @@ def generate_fpn_anchors(
     Returns:
         {level: (Hl*Wl*A, 4)}, anchor ``a`` of location ``loc`` at index ``loc * A + a``.
     """
+    # BEGIN SOLUTION
     anchors = {}
     for level, locations in locations_per_fpn_level.items():
         area = (stride_scale * strides_per_fpn_level[level]) ** 2
@@ -144,6 +149,7 @@ def generate_fpn_anchors(
         level_anchors = torch.cat([centres - half_wh, centres + half_wh], dim=-1)  # (Hl*Wl, A, 4)
         anchors[level] = level_anchors.reshape(-1, 4)  # (Hl*Wl, A, 4) -> (Hl*Wl*A, 4)
     return anchors
+    # END SOLUTION
 
 
 def _is_real_gt(gt_boxes: torch.Tensor) -> torch.Tensor:
@@ -178,6 +184,7 @@ def rcnn_match_anchors_to_gt(
     Returns:
         (N, 5) matched GT rows, or (B, N, 5) for a batch.
     """
+    # BEGIN SOLUTION
     if gt_boxes.dim() == 3:
         anchors_per_image = anchor_boxes.expand(len(gt_boxes), -1, -1)  # (B, N, 4), a view when shared
         return torch.stack(
@@ -199,6 +206,7 @@ def rcnn_match_anchors_to_gt(
     matched = gt_boxes[best_gt]  # (N, 5)
     matched = torch.where((best_iou >= high)[:, None], matched, NEUTRAL)
     return torch.where((best_iou < low)[:, None], BACKGROUND, matched)
+    # END SOLUTION
 
 
 def _centres_and_sizes(boxes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -221,12 +229,14 @@ def rcnn_get_deltas_from_anchors(
     Returns:
         (N, 4) deltas; background and neutral rows give ``-1e8``.
     """
+    # BEGIN SOLUTION
     anchor_xy, anchor_wh = _centres_and_sizes(anchors)
     box_xy, box_wh = _centres_and_sizes(gt_boxes[:, :4])
     deltas = torch.cat([(box_xy - anchor_xy) / anchor_wh, torch.log(box_wh / anchor_wh)], dim=1)
     if weights is not None:
         deltas = deltas * deltas.new_tensor(weights)
     return deltas.masked_fill(~is_matched(gt_boxes)[:, None], NEUTRAL)
+    # END SOLUTION
 
 
 def rcnn_apply_deltas_to_anchors(
@@ -242,12 +252,14 @@ def rcnn_apply_deltas_to_anchors(
     Returns:
         (N, 4) boxes ``(x1, y1, x2, y2)``.
     """
+    # BEGIN SOLUTION
     if weights is not None:
         deltas = deltas / deltas.new_tensor(weights)
     anchor_xy, anchor_wh = _centres_and_sizes(anchors)
     box_xy = anchor_xy + deltas[:, :2] * anchor_wh
     box_wh = anchor_wh * torch.exp(deltas[:, 2:].clamp(max=_MAX_LOG_SCALE))
     return torch.cat([box_xy - box_wh / 2, box_xy + box_wh / 2], dim=1)
+    # END SOLUTION
 
 
 def _sample_fg_bg_masks(
@@ -293,8 +305,10 @@ def sample_rpn_training(
     Returns:
         fg_idx, bg_idx: ``long`` indices into the N rows, disjoint, never a neutral row.
     """
+    # BEGIN SOLUTION
     fg_mask, bg_mask = _sample_fg_bg_masks(gt_boxes, num_samples, fg_fraction)
     return fg_mask.nonzero().squeeze(1), bg_mask.nonzero().squeeze(1)
+    # END SOLUTION
 
 
 # The course's original RPN: RPN(fpn_channels, stem_channels, batch_size_per_image, **COURSE_RPN).
@@ -378,6 +392,7 @@ class RPN(nn.Module):
             ``"loss_rpn_box"`` in training, which also leaves ``first_stage_metrics`` in
             ``self.training_metrics``.
         """
+        # BEGIN SOLUTION
         obj_logits, boxreg_deltas = self.pred_net(feats_per_fpn_level)
         anchors = self._anchors(feats_per_fpn_level, strides_per_fpn_level)
         image_size = image_size or _image_size_of(feats_per_fpn_level, strides_per_fpn_level)
@@ -392,6 +407,7 @@ class RPN(nn.Module):
                 )
             )
         return output
+        # END SOLUTION
 
     def _anchors(self, feats_per_fpn_level: TensorDict, strides_per_fpn_level: Mapping[str, int]) -> TensorDict:
         """Anchors of these feature shapes, computed once and reused while the shapes stay the same."""
@@ -623,6 +639,7 @@ class FasterRCNN(nn.Module):
             rois: (R, 5) ``(image index, x1, y1, x2, y2)``, image by image;
             matched_gt_boxes: (R, 5), the GT row of each RoI or the background row.
         """
+        # BEGIN SOLUTION
         B, M, _ = gt_boxes.shape
         padded = nn.utils.rnn.pad_sequence(list(proposals), batch_first=True)  # (B, Pmax, 4)
         lengths = torch.tensor([len(p) for p in proposals], device=padded.device)
@@ -635,6 +652,7 @@ class FasterRCNN(nn.Module):
         image_index, box_index = (fg_mask | bg_mask).nonzero(as_tuple=True)
         rois = torch.cat([image_index[:, None].to(boxes), boxes[image_index, box_index]], dim=1)
         return rois, matched[image_index, box_index]
+        # END SOLUTION
 
     def roi_features(self, feats_per_fpn_level: TensorDict, rois: torch.Tensor) -> torch.Tensor:
         """RoI Align (Mask R-CNN 3) of each RoI on its FPN level, returned in the order of ``rois``.
@@ -671,6 +689,7 @@ class FasterRCNN(nn.Module):
         Args:
             cls_logits: (R, K + 1); box_deltas: (R, K * 4); rois: (R, 5); matched_gt_boxes: (R, 5).
         """
+        # BEGIN SOLUTION
         R, K = cls_logits.shape[0], self.num_classes
         is_fg = matched_gt_boxes[:, 4] >= 0
         labels = torch.where(is_fg, matched_gt_boxes[:, 4].long(), K)  # background is class K
@@ -680,6 +699,7 @@ class FasterRCNN(nn.Module):
         pred_deltas = box_deltas.view(R, K, 4)[is_fg, labels[is_fg]]  # (F, 4): the GT class's box
         loss_box = F.l1_loss(pred_deltas, target_deltas, reduction="sum") / num_rois
         return {"loss_cls": loss_cls, "loss_box": loss_box}
+        # END SOLUTION
 
     @torch.no_grad()
     def inference(
@@ -708,6 +728,7 @@ class FasterRCNN(nn.Module):
         Returns:
             B dicts ``{"boxes": (N, 4), "labels": (N,) long, "scores": (N,)}``, by decreasing score.
         """
+        # BEGIN SOLUTION
         B, _, H, W = images.shape
         feats = self.backbone(images)
         proposals = self.rpn(feats, self.backbone.fpn_strides, image_size=(H, W))["proposals"]
@@ -726,3 +747,4 @@ class FasterRCNN(nn.Module):
         boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
         parts = batched_class_nms(boxes, scores, labels, image_ids, B, K, nms_thresh, max_detections)
         return [{"boxes": boxes[part], "labels": labels[part], "scores": scores[part]} for part in parts]
+        # END SOLUTION
