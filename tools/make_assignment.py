@@ -7,8 +7,8 @@ The parts a student writes are marked in the library modules, otter-grader style
 single line. The release is the same tree (the files git tracks, or every file outside a git
 checkout) with each marked block replaced by a stub that raises ``NotImplementedError`` naming the
 function and the notebook step that explains it (from ``tools/parts.json``); the instructor-only
-tests in ``tests/hidden/`` and this script are left out. It then checks that no marker and no marked
-block is left in any file of the release.
+tests in ``tests/hidden/``, this script and the tests of the release and the grader are left out.
+It then checks that no marker and no marked block is left in any file of the release.
 
 Imports: the standard library only.
 """
@@ -25,7 +25,8 @@ from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END, SINGLE = "# BEGIN SOLUTION", "# END SOLUTION", "# SOLUTION"
-LEFT_OUT = ("tests/hidden/", "tools/make_assignment.py")
+# Instructor-only: the hidden tests, this script, and the tests of the release and the grader themselves.
+LEFT_OUT = ("tests/hidden/", "tools/make_assignment.py", "tests/test_assignment.py", "tests/test_grade.py")
 STUB_MARK = "is yours to write"  # notebook_kit recognises a stub's error by it
 
 
