@@ -206,40 +206,43 @@ for level, feats in dummy_feats.items():
 # coarse levels, as in FCOS, but here the size of what a level should find is set by its anchors.
 #
 # The course's check: a 2 x 2 grid of p5 locations (stride 32) with `stride_scale = 2` gives 64 x 64 square
-# anchors around the centres (16, 16), (48, 16), (16, 48), (48, 48).
+# anchors around the centres (16, 16), (48, 16), (16, 48), (48, 48), in that (row-major) order.
 
 # %%
 p5_locations = get_fpn_location_coords({"p5": (2, 64, 2, 2)}, {"p5": 32})
 p5_anchors = generate_fpn_anchors(p5_locations, {"p5": 32}, stride_scale=2, aspect_ratios=[0.5, 1.0, 2.0])["p5"]
 assert p5_anchors.shape == (4 * 3, 4)
 
-
-def sorted_rows(boxes):
-    """Rows in a fixed order, so that anchors can be compared whatever order the locations come in."""
-    for column in reversed(range(boxes.shape[1])):
-        boxes = boxes[boxes[:, column].argsort(stable=True)]
-    return boxes
-
-
 # Ratio 0.5 (height / width): area 64^2 = 4096, width sqrt(4096 / 0.5) = 90.51, height 45.25;
 # around (16, 16) that is x 16 -+ 45.25 = (-29.25, 61.25) and y 16 -+ 22.63 = (-6.63, 38.63).
+# The rows follow the locations in row-major order: x moves first.
 expected_anchors = {
     0.5: torch.tensor(
         [
-            [-29.2548, -6.6274, 61.2548, 38.6274],
-            [-29.2548, 25.3726, 61.2548, 70.6274],
-            [2.7452, -6.6274, 93.2548, 38.6274],
-            [2.7452, 25.3726, 93.2548, 70.6274],
+            [-29.2548, -6.6274, 61.2548, 38.6274],  # centre (16, 16)
+            [2.7452, -6.6274, 93.2548, 38.6274],  # centre (48, 16)
+            [-29.2548, 25.3726, 61.2548, 70.6274],  # centre (16, 48)
+            [2.7452, 25.3726, 93.2548, 70.6274],  # centre (48, 48)
         ]
     ),
     1.0: torch.tensor(
-        [[-16.0, -16.0, 48.0, 48.0], [-16.0, 16.0, 48.0, 80.0], [16.0, -16.0, 80.0, 48.0], [16.0, 16.0, 80.0, 80.0]]
+        [[-16.0, -16.0, 48.0, 48.0], [16.0, -16.0, 80.0, 48.0], [-16.0, 16.0, 48.0, 80.0], [16.0, 16.0, 80.0, 80.0]]
+    ),
+    2.0: torch.tensor(
+        [
+            [-6.6274, -29.2548, 38.6274, 61.2548],
+            [25.3726, -29.2548, 70.6274, 61.2548],
+            [-6.6274, 2.7452, 38.6274, 93.2548],
+            [25.3726, 2.7452, 70.6274, 93.2548],
+        ]
     ),
 }
-expected_anchors[2.0] = expected_anchors[0.5][:, [1, 0, 3, 2]]  # ratio 2: ratio 0.5 with x and y swapped
+# Compared row for row, not as sets: anchors laid out in column-major location order (the original
+# assignment's transposed x and y) hold the same boxes in another order, and must fail here; so must
+# anchors grouped by ratio first (index a * HW + loc instead of loc * A + a).
 for a, ratio in enumerate([0.5, 1.0, 2.0]):
-    ours = p5_anchors[a::3]  # anchor a of every location
-    torch.testing.assert_close(sorted_rows(ours), sorted_rows(expected_anchors[ratio]), atol=1e-4, rtol=0)
+    ours = p5_anchors[a::3]  # anchor a of every location: index loc * A + a
+    torch.testing.assert_close(ours, expected_anchors[ratio], atol=1e-4, rtol=0)
     print(f"p5 anchors with height / width {ratio}:\n{ours}")
 
 # %% [markdown]

@@ -80,3 +80,38 @@ def test_notebook_runs_in_quick_mode(name, cwd, monkeypatch, tmp_path):
     client.execute()  # raises CellExecutionError, with the failing cell's traceback, on any error
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
     assert not errors
+
+
+def _anchor_check_cell():
+    twin = jupytext.read(NOTEBOOK_DIR / "two_stage_detector.notebook.py")
+    [cell] = [cell.source for cell in twin.cells if cell.cell_type == "code" and "expected_anchors = {" in cell.source]
+    return cell
+
+
+def _run_anchor_check(generate_fpn_anchors):
+    import torch
+
+    from common import get_fpn_location_coords
+
+    namespace = {"torch": torch, "get_fpn_location_coords": get_fpn_location_coords}
+    exec(_anchor_check_cell(), {**namespace, "generate_fpn_anchors": generate_fpn_anchors})
+
+
+def test_the_notebooks_anchor_check_fails_on_the_classic_layout_bugs():
+    from two_stage_detector import generate_fpn_anchors
+
+    _run_anchor_check(generate_fpn_anchors)  # the library passes
+
+    def laid_out(view):
+        def generate(locations, strides, stride_scale, aspect_ratios):
+            anchors = generate_fpn_anchors(locations, strides, stride_scale, aspect_ratios)
+            return {level: view(boxes, len(aspect_ratios)) for level, boxes in anchors.items()}
+
+        return generate
+
+    side = 2  # the cell's 2 x 2 grid of p5 locations
+    transposed = laid_out(lambda boxes, A: boxes.view(side, side, A, 4).transpose(0, 1).reshape(-1, 4))
+    ratio_first = laid_out(lambda boxes, A: boxes.view(-1, A, 4).transpose(0, 1).reshape(-1, 4))
+    for wrong in (transposed, ratio_first):
+        with pytest.raises(AssertionError):
+            _run_anchor_check(wrong)
