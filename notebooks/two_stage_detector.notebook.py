@@ -33,6 +33,7 @@
 # Every "sanity" cell first asserts and only then prints: if a cell finishes, its check passed.
 
 # %%
+import math
 import os
 import sys
 from pathlib import Path
@@ -355,8 +356,19 @@ anchors_example = torch.tensor([[20, 40, 80, 90], [10, 10, 50, 50], [120, 100, 2
 gt_example = torch.tensor([[10, 15, 100, 115, 1], [30, 20, 40, 30, 1], [120, 100, 200, 200, 1]], dtype=torch.float32)
 
 rcnn_deltas = rcnn_get_deltas_from_anchors(anchors_example, gt_example)
-# Anchor 3 equals its box: no shift, log(1) = 0 for the sizes.
-torch.testing.assert_close(rcnn_deltas[2], torch.zeros(4))
+# Worked by hand. Anchor 1: centre (50, 65), size 60 x 50; its box: centre (55, 65), size 90 x 100, so
+# dx = 5 / 60, dy = 0, dw = log(90 / 60), dh = log(100 / 50). Anchor 2: centre (30, 30), size 40 x 40; its
+# box: centre (35, 25), size 10 x 10, so dx = 5 / 40, dy = -5 / 40, dw = dh = log(10 / 40). Anchor 3 equals
+# its box: no shift, log(1) = 0. Deltas from corners instead of centres, or scaled by the box's size
+# instead of the anchor's, or without the log, fail here.
+expected_deltas = torch.tensor(
+    [
+        [5 / 60, 0.0, math.log(90 / 60), math.log(100 / 50)],
+        [5 / 40, -5 / 40, math.log(10 / 40), math.log(10 / 40)],
+        [0.0, 0.0, 0.0, 0.0],
+    ]
+)
+torch.testing.assert_close(rcnn_deltas, expected_deltas)
 round_trip = rcnn_apply_deltas_to_anchors(rcnn_deltas, anchors_example)
 assert a4_helper.rel_error(round_trip, gt_example[:, :4]) == 0
 
@@ -368,12 +380,15 @@ wild_copy = wild.clone()
 anchors_copy = anchors_example[:2].clone()
 decoded = rcnn_apply_deltas_to_anchors(wild, anchors_example[:2])
 assert torch.equal(wild, wild_copy) and torch.equal(anchors_example[:2], anchors_copy), "inputs are never modified"
-assert torch.isfinite(decoded).all(), "dw, dh are clamped before exp"
+# The clamp at work: dw = dh = 50 would scale the anchor by e^50; capped at log(1000 / 16) it scales it by
+# 62.5, so anchor 1 (centre (50, 65), 60 x 50) becomes a 3750 x 3125 box. Far outside a 96-pixel image, and
+# meant to be: decoding does not clip, the first stage clips its proposals afterwards.
+torch.testing.assert_close(decoded[0], torch.tensor([50 - 1875, 65 - 1562.5, 50 + 1875, 65 + 1562.5]))
 
 print("deltas:\n", rcnn_deltas)
 print("round trip rel. error:", a4_helper.rel_error(round_trip, gt_example[:, :4]))
 print("background deltas:", background_deltas.tolist())
-print("a wild dw = dh = 50 decodes to the finite box", decoded[0].tolist(), "and leaves its input untouched")
+print("a wild dw = dh = 50 decodes, clamped, to", decoded[0].tolist(), "and leaves its input untouched")
 
 # %% [markdown]
 # ## The RPN module

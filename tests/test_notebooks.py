@@ -115,3 +115,26 @@ def test_the_notebooks_anchor_check_fails_on_the_classic_layout_bugs():
     for wrong in (transposed, ratio_first):
         with pytest.raises(AssertionError):
             _run_anchor_check(wrong)
+
+
+def test_the_notebooks_delta_check_fails_on_deltas_scaled_by_the_box():
+    import math
+
+    import torch
+
+    import a4_helper
+    from two_stage_detector import rcnn_apply_deltas_to_anchors, rcnn_get_deltas_from_anchors
+
+    twin = jupytext.read(NOTEBOOK_DIR / "two_stage_detector.notebook.py")
+    [cell] = [cell.source for cell in twin.cells if cell.cell_type == "code" and "expected_deltas = " in cell.source]
+    names = {"torch": torch, "math": math, "a4_helper": a4_helper}
+    names["rcnn_apply_deltas_to_anchors"] = rcnn_apply_deltas_to_anchors
+    exec(cell, {**names, "rcnn_get_deltas_from_anchors": rcnn_get_deltas_from_anchors})  # the library passes
+
+    def scaled_by_the_box(anchors, gt_boxes):  # a classic mistake: the box's size where the anchor's belongs
+        deltas = rcnn_get_deltas_from_anchors(anchors, gt_boxes)
+        anchor_size, box_size = anchors[:, 2:4] - anchors[:, :2], gt_boxes[:, 2:4] - gt_boxes[:, :2]
+        return torch.cat([deltas[:, :2] * anchor_size / box_size, deltas[:, 2:]], dim=1)
+
+    with pytest.raises(AssertionError):
+        exec(cell, {**names, "rcnn_get_deltas_from_anchors": scaled_by_the_box})
