@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/grade.py [--repo DIR] [--out results.json] [--parts a,b,...] [--time-limit SECONDS]
+    python tools/grade.py [--repo DIR] [--out results.json] [--parts a,b,...] [--time-limit SECONDS] [--jobs N]
 
 The parts, their points and their tests (pytest node ids) are listed in ``tools/parts.json``, next to this script.
 The submission (``--repo``, by default the repository this script lives in) is not trusted: it is copied to a
