@@ -97,6 +97,9 @@ FCOS_VARIANTS = {
     "course +scales": {**COURSE_FCOS, "learnable_scales": True},
     "course +centerness-weighted box loss": {**COURSE_FCOS, "centerness_weighted_box_loss": True},
     "course +nonnegative deltas": {**COURSE_FCOS, "nonnegative_deltas": True},
+    "default +quality focal": {"quality_focal": True},
+    "default +ATSS": {"matching": "atss"},
+    "default +ATSS +quality focal": {"matching": "atss", "quality_focal": True},
     "default -nonnegative deltas": {"nonnegative_deltas": False},
     "default -nonnegative deltas +centerness weights": {
         "nonnegative_deltas": False,

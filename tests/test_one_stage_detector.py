@@ -15,6 +15,7 @@ from one_stage_detector import (
     COURSE_FCOS,
     FCOS,
     FCOSPredictionNetwork,
+    atss_match_locations_to_gt,
     fcos_apply_deltas_to_locations,
     fcos_get_deltas_from_locations,
     fcos_giou_loss,
@@ -317,6 +318,82 @@ def test_centerness_weighted_box_loss_hand_computed():
         centerness_weighted_box_loss=True,
     )  # no foreground at all: zero, not NaN
     assert empty["loss_box"] == 0
+
+
+def test_quality_focal_loss_hand_computed():
+    # One foreground location, one class, logit 0 (p = 0.5). Target deltas (1, 1, 1, 1) span a 2x2
+    # box; the prediction (0.5, 0.5, 0.5, 0.5) a 1x1 box inside it: IoU 1/4, the class target.
+    # QFL: |0.25 - 0.5|^2 * BCE(0.5, 0.25) = 0.0625 * ln 2 (BCE at p = 0.5 is ln 2 for any target).
+    # A background location with logit 0: |0 - 0.5|^2 * ln 2 = 0.25 ln 2. Divided by 1 foreground.
+    matched = torch.tensor([[[0.0, 0, 16, 16, 0], [-1.0, -1, -1, -1, -1]]])
+    targets = torch.tensor([[[1.0, 1, 1, 1], [-1.0, -1, -1, -1]]])
+    pred = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [1.0, 1, 1, 1]]])
+    losses = fcos_losses(matched, targets, torch.zeros(1, 2, 1), pred, torch.zeros(1, 2), quality_focal=True)
+    assert_close(losses["loss_cls"], torch.tensor((0.0625 + 0.25) * math.log(2)))
+    # A perfect box and a confident score cost almost nothing; the box term is unchanged by QFL.
+    perfect = fcos_losses(matched[:, :1], targets[:, :1], torch.full((1, 1, 1), 9.0), targets[:, :1], torch.zeros(1, 1))
+    qfl = fcos_losses(
+        matched[:, :1],
+        targets[:, :1],
+        torch.full((1, 1, 1), 9.0),
+        targets[:, :1],
+        torch.zeros(1, 1),
+        quality_focal=True,
+    )
+    assert qfl["loss_cls"] < 1e-6 and torch.equal(qfl["loss_box"], perfect["loss_box"])
+
+
+def test_atss_hand_computed():
+    # A 64x64 image, box (16, 16, 48, 48), centre (32, 32), topk 4. The 4 nearest locations per level
+    # and their anchors' IoU with the box (anchor side 8 strides, each anchor covers the box):
+    #   p3 (28|36, 28|36), side 64:  1024 / 4096  = 0.25
+    #   p4 (24|40, 24|40), side 128: 1024 / 16384 = 0.0625
+    #   p5 (16|48, 16|48), side 256: 1024 / 65536 = 0.015625 (and on the box's border)
+    # mean 1.3125 / 12 = 0.109375; sample std sqrt(4 (0.140625^2 + 0.046875^2 + 0.09375^2) / 11)
+    # = 0.10576; threshold 0.2151: only the four p3 locations are positive.
+    locations = _locations_for(64)
+    gt = torch.tensor([[16.0, 16, 48, 48, 2]])
+    matched = atss_match_locations_to_gt(locations, STRIDES, gt, topk=4)
+    positive = (matched["p3"][:, 4] == 2).nonzero().flatten()
+    assert positive.tolist() == [3 * 8 + 3, 3 * 8 + 4, 4 * 8 + 3, 4 * 8 + 4]  # rows 3-4, columns 3-4 of 8x8
+    assert (matched["p4"] == -1).all() and (matched["p5"] == -1).all()
+    assert torch.equal(matched["p3"][positive], gt.expand(4, 5))
+
+
+def test_atss_batch_equals_per_image_padding_and_empty_gt():
+    locations = _locations_for(128)
+    gt = torch.stack(
+        [
+            _padded([[8, 8, 60, 50, 1], [30, 20, 120, 126, 4], [40, 30, 60, 50, 2]]),
+            _padded([]),
+            _padded([[50, 60, 70, 90, 3]]),
+        ]
+    )
+    batched = atss_match_locations_to_gt(locations, STRIDES, gt)
+    for b in range(3):
+        single = atss_match_locations_to_gt(locations, STRIDES, gt[b])
+        for level in STRIDES:
+            assert torch.equal(batched[level][b], single[level])
+    assert all((batched[level][1] == -1).all() for level in STRIDES)  # padding rows never match
+    classes = torch.cat([batched[level][0, :, 4] for level in STRIDES])
+    assert {1.0, 4.0, 2.0} <= set(classes.tolist())  # every box gets positives, the small one inside the big one too
+    for level in STRIDES:  # positives lie strictly inside their box
+        rows, x, y = batched[level][0], locations[level][:, 0], locations[level][:, 1]
+        fg = rows[:, 4] >= 0
+        assert ((x > rows[:, 0]) & (y > rows[:, 1]) & (x < rows[:, 2]) & (y < rows[:, 3]))[fg].all()
+    no_rows = atss_match_locations_to_gt(locations, STRIDES, torch.zeros(0, 5))
+    assert (no_rows["p3"] == -1).all() and no_rows["p3"].shape == (256, 5)
+
+
+def test_fcos_with_atss_and_quality_focal_trains(small_fcos):
+    small_fcos.matching, small_fcos.quality_focal = "atss", True
+    images = torch.rand(2, 3, 64, 64)
+    gt = torch.stack([_padded([[8, 8, 40, 40, 1]], 2), _padded([], 2)])
+    losses = small_fcos(images, gt)
+    assert all(torch.isfinite(v) and v >= 0 for v in losses.values())
+    sum(losses.values()).backward()
+    with pytest.raises(ValueError, match="matching must be"):
+        fcos_make_targets(_locations_for(64), STRIDES, gt, matching="nearest")
 
 
 @pytest.mark.parametrize("label", [5.0, 7.0, -2.0, -1.0, 1.5])
