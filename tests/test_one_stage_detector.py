@@ -170,6 +170,22 @@ def test_prediction_network_group_norm_and_learnable_scales():
     assert_close(plain(feats)[1]["p3"], raw.clamp(min=0))
 
 
+def test_prediction_network_exp_deltas_are_the_exponential_of_the_scaled_output():
+    torch.manual_seed(0)
+    head = FCOSPredictionNetwork(3, 16, [16, 16], learnable_scales=True, exp_deltas=True)
+    feats = {level: torch.randn(2, 16, 8 // (2**i), 8 // (2**i)) for i, level in enumerate(STRIDES)}
+    with torch.no_grad():
+        head.pred_box.weight.zero_()
+        head.pred_box.bias.fill_(math.log(4.0))  # every raw output log 4
+        head.scales[2] = 0.5  # p5: exp(0.5 * log 4) = 2
+    deltas = head(feats)[1]
+    assert_close(deltas["p3"], torch.full_like(deltas["p3"], 4.0))
+    assert_close(deltas["p5"], torch.full_like(deltas["p5"], 2.0))
+    with torch.no_grad():
+        head.pred_box.bias.fill_(1000.0)  # clamped before exp: e^10, finite
+    assert_close(head(feats)[1]["p3"], torch.full_like(deltas["p3"], math.exp(10.0)))
+
+
 def test_fcos_defaults_are_the_improved_rules_and_course_fcos_the_original():
     improved = FCOS(3, 16, [16], pretrained=False)
     assert (improved.box_loss, improved.center_sampling_radius) == ("giou", 1.5)
