@@ -505,7 +505,8 @@ print("images without objects:", {name: round(value.item(), 4) for name, value i
 # for a few hundred iterations; quick mode uses four images for 150). A correct detector drives the loss
 # down quickly and then finds the objects of those very images; if it cannot even do that, something in
 # the matching, the targets or the losses is wrong, and a long run would only hide it. The check asks for
-# the loss to halve (a falling loss alone also passes a detector that only learns "background everywhere").
+# the loss to halve in quick mode and to fall by a fifth on the full recipe's 160 images (a loss that
+# merely falls also passes a detector that only learns "background everywhere").
 
 # %%
 overfit_set = subset(train_set, OVERFIT_IMAGES)
@@ -529,7 +530,7 @@ overfit_history = a4_helper.train_detector(
 )
 # Catches a loss that cannot fall: targets paired with the wrong locations, a sign flipped in the
 # deltas, a loss divided by the wrong count. (Quick mode's curve is noisy with batches of four.)
-assert loss_fell(overfit_history, factor=0.5)
+assert loss_fell(overfit_history, factor=0.5 if QUICK else 0.8)
 show(a4_helper.plot_loss_history(overfit_history))
 
 # %% [markdown]

@@ -734,7 +734,7 @@ show(a4_helper.plot_loss_history(rcnn_history, path=RCNN_DIR / "losses.png"))
 # after only 60 iterations on 32 images the course's Faster R-CNN gives no held-out box a score of 0.3 (its
 # softmax still spreads over background and the six classes, and on 96-pixel images its RPN cannot propose
 # small objects, see the first stage's section), so quick mode draws them from a score of 0.1: loose boxes,
-# often of one class. The full recipe's boxes sit on the objects.
+# often of one class, and an image may get none (its panel says so). The full recipe's boxes sit on the objects.
 
 # %%
 HELD_OUT_SCORE = 0.1 if QUICK else PICTURE_SCORE
