@@ -42,8 +42,10 @@ def _prediction_rows(pred: Any) -> np.ndarray:
     return _to_numpy(pred).reshape(-1, 6)
 
 
-def _label_slot(ax, x: float, y: float, text: str, taken: List[Tuple[float, float, float, float]]) -> float:
-    """The height in data units at which a label at ``(x, y)`` overprints no label already placed.
+def _label_slot(
+    ax, x: float, y: float, text: str, taken: List[Tuple[float, float, float, float]]
+) -> Tuple[float, float]:
+    """Where (data units) a label meant for ``(x, y)`` overprints no label already placed and fits the view.
 
     A box's label sits on its top-left corner, so a prediction right on its ground truth, or two boxes
     with the same corner, would write one label over the other; such a label moves down a line at a time
@@ -53,11 +55,12 @@ def _label_slot(ax, x: float, y: float, text: str, taken: List[Tuple[float, floa
     per_px = abs(ax.get_ylim()[0] - ax.get_ylim()[1]) / height_px  # data units per display pixel
     points_to_px = ax.figure.dpi / 72
     line, width = 11 * points_to_px * per_px, 0.62 * _LABEL_POINTS * points_to_px * per_px * len(text)
-    y = max(y, line)  # a box at the top edge keeps its label inside the picture
+    x = max(0.0, min(x, ax.get_xlim()[1] - width))  # a box at the right or top edge keeps its label inside
+    y = max(y, line)
     while any(x < right and left < x + width and y - line < bottom and top < y for left, top, right, bottom in taken):
         y += line
     taken.append((x, y - line, x + width, y))
-    return y
+    return x, y
 
 
 _LABEL_POINTS = 8
@@ -71,8 +74,7 @@ def _draw_box(ax, row: np.ndarray, text: str, dashed: bool, taken: List[Tuple[fl
     linestyle = "--" if dashed else "-"
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, linestyle=linestyle))
     ax.text(
-        max(x1, 0),
-        _label_slot(ax, max(x1, 0), max(y1, 0), text, taken),
+        *_label_slot(ax, x1, max(y1, 0), text, taken),
         text,
         fontsize=_LABEL_POINTS,
         color="black",
