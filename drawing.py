@@ -54,7 +54,7 @@ def _label_slot(
     height_px = ax.get_window_extent().height or 1.0
     per_px = abs(ax.get_ylim()[0] - ax.get_ylim()[1]) / height_px  # data units per display pixel
     points_to_px = ax.figure.dpi / 72
-    line, width = 11 * points_to_px * per_px, 0.62 * _LABEL_POINTS * points_to_px * per_px * len(text)
+    line, width = 11 * points_to_px * per_px, (0.7 * len(text) + 0.5) * _LABEL_POINTS * points_to_px * per_px
     x = max(0.0, min(x, ax.get_xlim()[1] - width))  # a box at the right or top edge keeps its label inside
     y = max(y, line)
     while any(x < right and left < x + width and y - line < bottom and top < y for left, top, right, bottom in taken):
