@@ -23,7 +23,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision.datasets import VOCDetection
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a single-line widget in a notebook, a text bar in a terminal
 
 PathLike = Union[str, os.PathLike]
 

@@ -4,7 +4,7 @@ matplotlib is imported on first use, so that the rest of the project runs withou
 Imports: ``detection_data`` (to undo the normalisation) and matplotlib.
 """
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,31 @@ def _prediction_rows(pred: Any) -> np.ndarray:
     return _to_numpy(pred).reshape(-1, 6)
 
 
-def _draw_box(ax, row: np.ndarray, text: str, dashed: bool) -> None:
+def _label_slot(
+    ax, x: float, y: float, text: str, taken: List[Tuple[float, float, float, float]]
+) -> Tuple[float, float]:
+    """Where (data units) a label meant for ``(x, y)`` overprints no label already placed and fits the view.
+
+    A box's label sits on its top-left corner, so a prediction right on its ground truth, or two boxes
+    with the same corner, would write one label over the other; such a label moves down a line at a time
+    until it is clear. Label sizes are estimated from the font size, which is enough to keep them apart.
+    """
+    height_px = ax.get_window_extent().height or 1.0
+    per_px = abs(ax.get_ylim()[0] - ax.get_ylim()[1]) / height_px  # data units per display pixel
+    points_to_px = ax.figure.dpi / 72
+    line, width = 11 * points_to_px * per_px, (0.7 * len(text) + 0.5) * _LABEL_POINTS * points_to_px * per_px
+    x = max(0.0, min(x, ax.get_xlim()[1] - width))  # a box at the right or top edge keeps its label inside
+    y = max(y, line)
+    while any(x < right and left < x + width and y - line < bottom and top < y for left, top, right, bottom in taken):
+        y += line
+    taken.append((x, y - line, x + width, y))
+    return x, y
+
+
+_LABEL_POINTS = 8
+
+
+def _draw_box(ax, row: np.ndarray, text: str, dashed: bool, taken: List[Tuple[float, float, float, float]]) -> None:
     from matplotlib.patches import Rectangle
 
     x1, y1, x2, y2, label = row[:5]
@@ -50,10 +74,9 @@ def _draw_box(ax, row: np.ndarray, text: str, dashed: bool) -> None:
     linestyle = "--" if dashed else "-"
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, linestyle=linestyle))
     ax.text(
-        x1,
-        y1,
+        *_label_slot(ax, x1, max(y1, 0), text, taken),
         text,
-        fontsize=8,
+        fontsize=_LABEL_POINTS,
         color="black",
         verticalalignment="bottom",
         bbox={"facecolor": colour, "alpha": 0.7, "pad": 1, "edgecolor": "none"},
@@ -90,24 +113,26 @@ def detection_visualizer(
     # extent puts pixel j over [j, j + 1], the continuous coordinates that boxes use.
     ax.imshow(img, extent=(0, img.shape[1], img.shape[0], 0))
     ax.axis("off")
+    ax.set_xlim(0, img.shape[1])  # the view is the image, whatever lies outside it
+    ax.set_ylim(img.shape[0], 0)
+    taken = []  # labels placed so far, so that none is written over another
     if bbox is not None:
         bbox = _to_numpy(bbox)
         for row in bbox.reshape(-1, bbox.shape[-1]):
             if row[4] >= 0:
-                _draw_box(ax, row, idx_to_class[int(row[4])], dashed=False)
+                _draw_box(ax, row, idx_to_class[int(row[4])], dashed=False, taken=taken)
     if pred is not None:
         for row in _prediction_rows(pred):
-            _draw_box(ax, row, f"{idx_to_class[int(row[4])]} {row[5]:.2f}", dashed=True)
+            _draw_box(ax, row, f"{idx_to_class[int(row[4])]} {row[5]:.2f}", dashed=True, taken=taken)
     if points is not None:
         points = _to_numpy(points).reshape(-1, 2)
         ax.scatter(points[:, 0], points[:, 1], s=6, c="white", edgecolors="black", linewidths=0.5)
-    ax.set_xlim(0, img.shape[1])  # the view is the image, whatever lies outside it
-    ax.set_ylim(img.shape[0], 0)
     return ax.figure
 
 
 def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[PathLike] = None):
-    """Plot one curve per loss term (and the total) against the iteration.
+    """Plot one curve per loss term (and the total) against the iteration; logged metrics (names starting
+    with ``metric_``) get a panel of their own, since they are no losses and have their own scale.
 
     Args:
         history: ``train_detector``'s return value, {name: per-iteration values}.
@@ -115,15 +140,22 @@ def plot_loss_history(history: Mapping[str, Sequence[float]], path: Optional[Pat
     Returns:
         The matplotlib figure.
     """
-    figure, ax = _pyplot().subplots(figsize=(7, 4))
-    for name, values in history.items():
-        style = "--" if name.startswith("metric_") else "-"  # the first stage's error and MAE, not losses
-        ax.plot(np.arange(1, len(values) + 1), values, style, label=name, linewidth=2 if name == "total" else 1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title("Training losses")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    losses = {name: values for name, values in history.items() if not name.startswith("metric_")}
+    metrics = {name: values for name, values in history.items() if name.startswith("metric_")}
+    figure, axes = _pyplot().subplots(1, 2 if metrics else 1, figsize=(13 if metrics else 7, 4), squeeze=False)
+    _plot_curves(axes[0, 0], losses, "loss", "Training losses")
+    if metrics:  # the first stage's error and MAE: measured on the training samples, never trained on
+        _plot_curves(axes[0, 1], metrics, "value", "First-stage metrics (logged, not trained on)")
+    figure.tight_layout()
     if path is not None:
         figure.savefig(path, dpi=100, bbox_inches="tight")
     return figure
+
+
+def _plot_curves(ax, curves: Mapping[str, Sequence[float]], ylabel: str, title: str) -> None:
+    """One line per entry against the iteration, the legend outside the axes so that it hides no curve."""
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=name, linewidth=2 if name == "total" else 1)
+    ax.set(xlabel="iteration", ylabel=ylabel, title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.grid(alpha=0.3)

@@ -346,15 +346,16 @@ def plot_proposal_recall(
         The matplotlib figure.
     """
     if ax is None:
-        _, ax = _pyplot().subplots(figsize=(6, 4))
+        _, ax = _pyplot().subplots(figsize=(9, 4))  # room for the legend beside the curves
     for name, result in results.items():
         label = f"{name} (AR@{num_proposals} = {result['ar'][num_proposals]:.3f})"
         ax.plot(result["iou_thresholds"], result["recall"][num_proposals], marker="o", label=label)
     ax.set_xlabel("IoU threshold")
     ax.set_ylabel(f"recall of {num_proposals} proposals per image")
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never on them
     ax.grid(alpha=0.3)
+    ax.figure.tight_layout()
     if path is not None:
         ax.figure.savefig(path, dpi=100, bbox_inches="tight")
     return ax.figure

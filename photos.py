@@ -203,12 +203,17 @@ def draw_detections(
     line = max(2, round(min(image.size) / 200))
     font = _font(max(10, round(min(image.size) / 30)))
     rows = zip(prediction["boxes"].tolist(), prediction["labels"].tolist(), prediction["scores"].tolist())
+    taken = []  # label rectangles drawn so far: a label that would cover one moves down a line
     for box, label, score in sorted(rows, key=lambda row: row[2]):  # the most confident drawn last, on top
         colour = tuple(round(255 * c) for c in _class_colour(label)[:3])
         draw.rectangle(box, outline=colour, width=line)
         text = f"{idx_to_class.get(int(label), int(label))} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        x, y = box[0], max(0, box[1] - (bottom - top) - 2 * line)
-        draw.rectangle((x, y, x + right - left + 2 * line, y + bottom - top + 2 * line), fill=colour)
+        width, height = right - left + 2 * line, bottom - top + 2 * line
+        x, y = box[0], max(0, box[1] - height)
+        while any(x < x2 and x1 < x + width and y < y2 and y1 < y + height for x1, y1, x2, y2 in taken):
+            y += height
+        taken.append((x, y, x + width, y + height))
+        draw.rectangle((x, y, x + width, y + height), fill=colour)
         draw.text((x + line - left, y + line - top), text, fill=(0, 0, 0), font=font)
     return image

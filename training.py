@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a single-line widget in a notebook, a text bar in a terminal
 
 import distributed
 from detection_data import PathLike, _save_atomically, prepare_images

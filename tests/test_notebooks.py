@@ -1,13 +1,19 @@
-"""The two notebooks: they run end to end in quick mode, and they stay reviewable.
+"""The two notebooks: they run end to end in quick mode, draw every picture, and stay reviewable.
 
 Executing a notebook starts a Jupyter kernel ("python3", the ipykernel of this interpreter) and runs
-every cell with DETECT_QUICK=1 (small synthetic images, a few iterations, random weights), so a cell
-that raises (a failed sanity assert included) fails the test with the cell's traceback. One notebook
-runs from ``notebooks/`` and the other from the repository root, so the first cell's search for the
-repository is exercised from both places.
+every cell with DETECT_QUICK=1 (small synthetic images, a couple of hundred iterations, random weights),
+so a cell that raises (a failed sanity assert included) fails the test with the cell's traceback. The
+kernel draws with matplotlib's inline backend, as Jupyter does, so every displayed figure is rendered to
+a PNG in the cell's outputs; a figure that fails to render or comes out blank fails the test. The
+executed notebook and its pictures are left in the test's temporary folder (``figures/``) for a look.
+One notebook runs from ``notebooks/`` and the other from the repository root, so the first cell's search
+for the repository is exercised from both places.
 """
 
+import base64
+import io
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,8 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = [("one_stage_detector", NOTEBOOK_DIR), ("two_stage_detector", ROOT)]
 NAMES = [name for name, _ in NOTEBOOKS]
 CELL_TIMEOUT_S = 600
+# The calls by which a notebook cell shows a picture.
+DRAWS = re.compile(r"\b(show|display|show_predictions|export_and_curves)\(")
 
 
 def _cells(notebook):
@@ -61,12 +69,45 @@ def test_no_notebook_file_can_shadow_a_library_module():
     assert {path.name for path in NOTEBOOK_DIR.glob("*.py")} == {f"{name}.notebook.py" for name in NAMES}
 
 
-@pytest.mark.parametrize("name, cwd", NOTEBOOKS, ids=NAMES)
-def test_notebook_runs_in_quick_mode(name, cwd, monkeypatch, tmp_path):
+def _pictures(notebook):
+    """(code cell number, PNG bytes) of every picture in an executed notebook's outputs."""
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    for number, cell in enumerate(code_cells):
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                yield number, base64.b64decode(output["data"]["image/png"])
+
+
+def _looks_blank(png):
+    """Nearly every pixel of the picture has the same grey level (an empty canvas, or one flat colour)."""
+    import numpy as np
+    from PIL import Image
+
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+    return (np.abs(grey - np.median(grey)) > 10).mean() < 0.01
+
+
+def test_a_blank_picture_counts_as_blank():
+    import numpy as np
+    from PIL import Image
+
+    def png(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    white = np.full((100, 100), 255)
+    assert _looks_blank(png(white))
+    white[10:20, 10:20] = 0  # a 10 x 10 square: 1% of the picture
+    assert not _looks_blank(png(white))
+
+
+def _execute(name, cwd, tmp_path, monkeypatch):
+    """Run a notebook in quick mode with figures drawn as in Jupyter; returns the executed notebook."""
     # The kernel inherits this environment. One thread per process: the notebooks are small, and
     # several processes competing for a few cores slow down badly when each spins up a thread pool.
     monkeypatch.setenv("DETECT_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # display() gives a PNG
     monkeypatch.setenv("DETECT_RUN_DIR", str(tmp_path))  # checkpoints and mAP-tool files go here
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
@@ -78,8 +119,36 @@ def test_notebook_runs_in_quick_mode(name, cwd, monkeypatch, tmp_path):
         resources={"metadata": {"path": str(cwd)}},
     )
     client.execute()  # raises CellExecutionError, with the failing cell's traceback, on any error
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    nbformat.write(notebook, figures / f"{name}.ipynb")
+    for index, (number, png) in enumerate(_pictures(notebook)):
+        (figures / f"{index:02d}_cell{number:02d}.png").write_bytes(png)
+    return notebook
+
+
+@pytest.mark.parametrize("name, cwd", NOTEBOOKS, ids=NAMES)
+def test_notebook_runs_in_quick_mode_and_draws_every_picture(name, cwd, monkeypatch, tmp_path):
+    notebook = _execute(name, cwd, tmp_path, monkeypatch)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
     assert not errors
+    # A figure that did not render leaves only its text, "<Figure size 640x480 with 1 Axes>".
+    unrendered = [
+        number
+        for number, cell in enumerate(code_cells)
+        for output in cell.outputs
+        if "<Figure size" in output.get("data", {}).get("text/plain", "") and "image/png" not in output.get("data", {})
+    ]
+    assert not unrendered, f"figures of code cells {unrendered} did not render"
+    pictures = list(_pictures(notebook))
+    drawing_cells = [number for number, cell in enumerate(code_cells) if DRAWS.search(cell.source)]
+    assert {number for number, _ in pictures} == set(drawing_cells), "every cell that shows a picture has one"
+    blank = [number for number, png in pictures if _looks_blank(png)]
+    assert not blank, f"blank pictures in code cells {blank}"
+    # Progress bars collapse to one output (a widget in Jupyter) instead of one output per refresh.
+    crowded = [number for number, cell in enumerate(code_cells) if len(cell.outputs) > 8]
+    assert not crowded, f"code cells {crowded} have more than 8 outputs"
 
 
 def _anchor_check_cell():
