@@ -41,6 +41,7 @@ from a4_helper import (
     reset_seed,
     train_detector,
 )
+from augmentation import BatchAugmentation
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -681,26 +682,42 @@ def test_grad_clip_bounds_the_first_update():
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
 @pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng-shuffle", "loader-generator-shuffle"])
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, own_generator):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, own_generator, augment):
+    augmentation = lambda seed: BatchAugmentation(seed=seed) if augment else None  # noqa: E731
     torch.manual_seed(0)
     reference = TinyDetector()
-    reference_history = _train(reference, _loader(own_generator))
+    reference_history = _train(reference, _loader(own_generator), augmentation=augmentation(0))
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     with pytest.raises(KeyboardInterrupt):  # crash in iteration 7: the checkpoint of iteration 4 stays
-        _train(FailingDetector(fail_at=7), _loader(own_generator), checkpoint)
+        _train(FailingDetector(fail_at=7), _loader(own_generator), checkpoint, augmentation=augmentation(0))
     assert torch.load(checkpoint, weights_only=True)["iteration"] == 4
     assert os.listdir(checkpoint.parent) == ["checkpoint.pt"]  # no temporary file left behind
 
-    reset_seed(123)  # a different RNG, initial weights and loader generator: the checkpoint must restore them
-    resumed = TinyDetector()
-    history = _train(resumed, _loader(own_generator, generator_seed=5), checkpoint)
+    reset_seed(123)  # a different RNG, initial weights, loader generator and augmentation stream: the checkpoint
+    resumed = TinyDetector()  # must restore them all
+    history = _train(resumed, _loader(own_generator, generator_seed=5), checkpoint, augmentation=augmentation(9))
     for name, value in reference.state_dict().items():
         assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-7)
     assert history == reference_history
     assert torch.load(checkpoint, weights_only=True)["iteration"] == 12
+
+
+def test_augmented_checkpoint_is_not_resumed_without_augmentation_nor_the_reverse(tmp_path):
+    augmented, plain = tmp_path / "augmented.pt", tmp_path / "plain.pt"
+    _train(TinyDetector(), _loader(), augmented, max_iters=4, augmentation=BatchAugmentation())
+    _train(TinyDetector(), _loader(), plain, max_iters=4)
+    before = augmented.read_bytes()
+    with pytest.raises(RuntimeError, match="trained with augmentation, this run is without"):
+        _train(TinyDetector(), _loader(), augmented, max_iters=4)
+    with pytest.raises(RuntimeError, match="trained without augmentation, this run is with"):
+        _train(TinyDetector(), _loader(), plain, max_iters=4, augmentation=BatchAugmentation())
+    with pytest.raises(RuntimeError, match="resume with the same settings"):
+        _train(TinyDetector(), _loader(), augmented, max_iters=4, augmentation=BatchAugmentation(flip=False))
+    assert augmented.read_bytes() == before
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
