@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from detection_data import IMAGENET_MEAN, IMAGENET_STD
@@ -92,7 +92,7 @@ class BatchAugmentation:
         out_images, out_boxes = torch.empty_like(images), torch.full_like(gt_boxes, -1.0)
         for b, (scale, (dx, dy)) in enumerate(zip(scales.tolist(), shifts.tolist())):
             affine = dict(angle=0.0, translate=[dx, dy], scale=scale, shear=[0.0, 0.0])
-            out_images[b] = TF.affine(images[b], **affine, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
+            out_images[b] = TF.affine(images[b], **affine, interpolation=InterpolationMode.BILINEAR, fill=0.0)
             real = gt_boxes[b, :, 4] >= 0
             boxes = tv_tensors.BoundingBoxes(gt_boxes[b, real, :4], format="XYXY", canvas_size=(H, W))
             moved = _CLIP_AND_DROP({"boxes": TF.affine(boxes, **affine), "labels": gt_boxes[b, real, 4]})
@@ -109,9 +109,9 @@ class BatchAugmentation:
         rgb = images * std + mean  # back to [0, 1], where the factors mean what they say
         brightness, contrast, saturation = (factors[:, k, None, None, None] for k in range(3))
         rgb = rgb * brightness
-        gray = TF.rgb_to_grayscale(rgb)  # (B, 1, H, W)
+        gray = _luma(rgb)
         rgb = gray.mean((2, 3), keepdim=True) + contrast * (rgb - gray.mean((2, 3), keepdim=True))
-        gray = TF.rgb_to_grayscale(rgb)
+        gray = _luma(rgb)
         rgb = (gray + saturation * (rgb - gray)).clamp(0, 1)
         return (rgb - mean) / std
 
@@ -138,6 +138,12 @@ class BatchAugmentation:
                 f"this one is flip={self.flip}, scale_range={self.scale_range}, photometric={self.photometric}; "
                 "resume with the same settings."
             )
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) grey values, ITU-R 601-2 weights as torchvision's ``rgb_to_grayscale``."""
+    weights = torch.tensor([0.2989, 0.587, 0.114], device=rgb.device)[:, None, None]
+    return (rgb * weights).sum(1, keepdim=True)
 
 
 def _flip_batch(images: torch.Tensor, gt_boxes: torch.Tensor, flip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
