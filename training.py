@@ -275,9 +275,9 @@ def train_detector(
             ``"format"`` (1), ``"iteration"`` (updates done), ``"max_iters"``, ``"model"``,
             ``"optimizer"``, ``"scheduler"``, ``"scaler"`` (state dicts), ``"loss_history"``,
             ``"rng"`` (python, numpy, torch, cuda), ``"data"`` (epoch, batch within it, RNG
-            states at the epoch's start), ``"model_class"`` and ``"optimizer_class"`` (class names) and
-            ``"metadata"``. If it exists when training starts, training resumes from it and ends
-            exactly as an uninterrupted run would.
+            states at the epoch's start), ``"augmentation"`` (with ``augmentation`` only),
+            ``"model_class"`` and ``"optimizer_class"`` (class names) and ``"metadata"``. If it exists
+            when training starts, training resumes from it and ends exactly as an uninterrupted run would.
         warmup_iters: length of the linear warm-up; ``None`` = ``min(100, max_iters // 10)``.
         grad_clip: clip the global gradient norm to this value (``GRAD_CLIP``, 10, by default); ``None``
             does not clip. A randomly initialised backbone receives gradients with norms in the
@@ -424,8 +424,8 @@ def _update(
 
 
 def _checkpoint(iteration: int, max_iters: int, parts: Mapping[str, Any], history: Mapping[str, List[float]]) -> Dict:
-    """The training state to save. Under DDP every rank must call this (it gathers the ranks' RNG and
-    data states); "rng" and "data" are rank 0's, "rank_states" lists every rank's."""
+    """The training state to save. Under DDP every rank must call this (it gathers the ranks' RNG, data
+    and augmentation states); "rng", "data" and "augmentation" are rank 0's, "rank_states" lists every rank's."""
     state = {name: part.state_dict() for name, part in parts.items()}
     own = {name: state[name] for name in ("data", "augmentation") if name in state}
     ranks = distributed.all_gather_objects({"rng": _rng_states(), **own})
@@ -507,9 +507,9 @@ def _check_augmentation_fits(path: PathLike, checkpoint: Mapping[str, Any], part
 
 
 def _own_rank_state(path: PathLike, checkpoint: Mapping[str, Any], max_iters: int) -> Dict[str, Any]:
-    """This rank's saved ``{"rng", "data"}``; rank 0's when the checkpoint was saved by another number of
-    processes. The data order then still goes on exactly with a ``DistributedSampler`` as in detect.py,
-    where a step takes the same global batch with any number of processes."""
+    """This rank's saved ``{"rng", "data"}`` (and ``"augmentation"`` when it has one); rank 0's when the
+    checkpoint was saved by another number of processes. The data order then still goes on exactly with a
+    ``DistributedSampler`` as in detect.py, where a step takes the same global batch with any number of processes."""
     top = {name: checkpoint[name] for name in ("rng", "data", "augmentation") if name in checkpoint}
     saved = checkpoint.get("rank_states") or [top]
     if len(saved) == distributed.world_size():
