@@ -4,11 +4,13 @@ command line use from ``a4_helper`` is re-exported here from the module that hol
 ``hello_helper``; look in:
 
 - ``detection_data.py``: image helpers, ``VOC2007DetectionTiny``, ``SyntheticDetection``, the uint8 cache;
+- ``augmentation.py``: ``BatchAugmentation``, the training augmentation (flip, scale jitter, colours);
 - ``drawing.py``: ``detection_visualizer``, ``plot_loss_history``;
 - ``training.py``: ``train_detector``, checkpoints, ``reset_seed``;
 - ``evaluation.py``: ``compute_map``, ``evaluate_detector``, ``inference_with_detector``, ``proposal_recall``.
 """
 
+from augmentation import BatchAugmentation
 from detection_data import (
     CROWDED_SCENE,
     IMAGENET_MEAN,
@@ -40,6 +42,7 @@ from evaluation import (
 from training import GRAD_CLIP, NonFiniteLossError, compile_detector, read_checkpoint, reset_seed, train_detector
 
 __all__ = [
+    "BatchAugmentation",
     "CROWDED_SCENE",
     "GRAD_CLIP",
     "IMAGENET_MEAN",

@@ -39,6 +39,7 @@ from experiment import (  # noqa: F401  (build_detector, load_detector, make_dat
     RunConfig,
     build_detector,
     load_detector,
+    make_augmentation,
     make_dataset,
 )
 from one_stage_detector import FCOS  # noqa: F401  (detect.FCOS, as before)
@@ -317,7 +318,17 @@ def cmd_train(args) -> Dict[str, Any]:
         return _train(args, device)
 
 
-_OVERRIDES = ("image_size", "batch_size", "fpn_channels", "iters", "optimizer", "lr", "train_images", "eval_images")
+_OVERRIDES = (
+    "image_size",
+    "batch_size",
+    "fpn_channels",
+    "iters",
+    "optimizer",
+    "lr",
+    "train_images",
+    "eval_images",
+    "augment",
+)
 
 
 def _config_from_args(args) -> RunConfig:
@@ -410,6 +421,7 @@ def _train(args, device: torch.device) -> Dict[str, Any]:
             grad_clip=args.grad_clip or None,
             metadata={"config": config.to_dict()},
             optimizer=config.optimizer,
+            augmentation=make_augmentation(config, seed=args.seed + distributed.rank()),
         )
     except a4_helper.NonFiniteLossError as error:
         raise _non_finite_error(error, checkpoint_path, config.lr) from error
@@ -574,6 +586,12 @@ def _add_train_command(commands) -> None:
     train.add_argument("--train-images", type=positive_int, help="synthetic training images (recipe default)")
     train.add_argument("--eval-images", type=positive_int, help="synthetic held-out images (recipe default)")
     train.add_argument("--train-split", default="train", help="split to train on (default: train)")
+    train.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random flips, scale jitter and colour changes of the training batches (README, Augmentation; "
+        "recipe default)",
+    )
     train.add_argument(
         "--weights",
         default="auto",

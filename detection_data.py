@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from torchvision import tv_tensors
 from torchvision.datasets import VOCDetection
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm  # a single-line widget in a notebook, a text bar in a terminal
 
@@ -106,22 +108,48 @@ def _read_rgb(path: PathLike) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
-def _resize_center_crop(image: torch.Tensor, image_size: int) -> Tuple[torch.Tensor, Tuple[float, ...]]:
-    """Resize the short side to ``image_size`` and cut the central square.
+class ResizeShortSideCenterCrop(v2.Transform):
+    """Resize the short side to ``size`` and cut the central square: a ``transforms.v2`` transform.
 
-    Args:
-        image: (3, H, W) uint8.
-    Returns:
-        (3, S, S) uint8 and ``(scale_x, scale_y, left, top)``: an input point ``(x, y)`` lands at
-        ``(x * scale_x - left, y * scale_y - top)``. The scales are the exact ratios of the
-        resized to the original sides, so boxes and pixels move alike.
+    The pixels and the ``tv_tensors.BoundingBoxes`` of a sample move together through v2's ``resize``
+    and ``crop`` kernels. It differs from ``v2.Resize(size)`` followed by ``v2.CenterCrop(size)`` in two
+    roundings, kept so that the data sets' items stay what they have always been: the long side is
+    rounded to the nearest pixel (``Resize`` truncates: a 500 x 375 VOC image becomes 299 x 224 here,
+    298 x 224 there) and the crop offset is rounded down (``CenterCrop`` rounds half to even).
+    Boxes are then scaled by the exact ratio of the resized to the original sides.
     """
-    _, H, W = image.shape
-    S = image_size
-    new_w, new_h = max(S, round(W * S / min(W, H))), max(S, round(H * S / min(W, H)))
-    resized = TF.resize(image, [new_h, new_w], antialias=True)
-    left, top = (new_w - S) // 2, (new_h - S) // 2
-    return resized[:, top : top + S, left : left + S], (new_w / W, new_h / H, left, top)
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+        images = [inpt for inpt in flat_inputs if isinstance(inpt, tv_tensors.Image)]
+        if not images:
+            raise TypeError("ResizeShortSideCenterCrop needs a tv_tensors.Image in its input.")
+        H, W = images[0].shape[-2:]
+        S = self.size
+        new_w, new_h = max(S, round(W * S / min(W, H))), max(S, round(H * S / min(W, H)))
+        return {"resized": [new_h, new_w], "top": (new_h - S) // 2, "left": (new_w - S) // 2}
+
+    def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
+        resized = TF.resize(inpt, params["resized"], antialias=True)
+        return TF.crop(resized, params["top"], params["left"], self.size, self.size)
+
+    # torchvision 0.16-0.20 call these by their old, private names.
+    _get_params = make_params
+    _transform = transform
+
+
+def _square_pipeline(image_size: int) -> v2.Compose:
+    """Resize and centre-crop to ``image_size``, then clip the boxes and drop those under 1 pixel wide or high.
+
+    Its input is a dict with ``"image"`` (a ``tv_tensors.Image``), ``"boxes"`` (``tv_tensors.BoundingBoxes``)
+    and ``"labels"`` (a tensor with a row per box, dropped along with them).
+    """
+    return v2.Compose(
+        [ResizeShortSideCenterCrop(image_size), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]
+    )
 
 
 def load_image(path: PathLike, image_size: int = 224) -> torch.Tensor:
@@ -130,8 +158,8 @@ def load_image(path: PathLike, image_size: int = 224) -> torch.Tensor:
     Returns:
         (3, S, S) float32 ImageNet-normalised.
     """
-    image, _ = _resize_center_crop(_read_rgb(path), image_size)
-    return normalize_image(image)
+    image = ResizeShortSideCenterCrop(image_size)(tv_tensors.Image(_read_rgb(path)))
+    return normalize_image(image.as_subclass(torch.Tensor))
 
 
 def _pad_rows(rows: torch.Tensor, fill: Any = -1.0) -> torch.Tensor:
@@ -140,22 +168,6 @@ def _pad_rows(rows: torch.Tensor, fill: Any = -1.0) -> torch.Tensor:
     kept = rows[:MAX_GT_BOXES]
     padded[: len(kept)] = kept
     return padded
-
-
-def _crop_boxes(
-    gt_boxes: torch.Tensor, transform: Tuple[float, ...], image_size: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Move (M, 5) boxes as ``_resize_center_crop`` moved the pixels and clip them to the image.
-
-    Returns:
-        The moved boxes (M, 5) and a (M,) mask of those still at least 1 pixel wide and high.
-    """
-    scale_x, scale_y, left, top = transform
-    moved = gt_boxes.clone()
-    moved[:, [0, 2]] = (gt_boxes[:, [0, 2]] * scale_x - left).clamp(0, image_size)
-    moved[:, [1, 3]] = (gt_boxes[:, [1, 3]] * scale_y - top).clamp(0, image_size)
-    inside = ((moved[:, 2] - moved[:, 0]) >= 1) & ((moved[:, 3] - moved[:, 1]) >= 1)
-    return moved, inside
 
 
 # PASCAL VOC 2007
@@ -170,8 +182,10 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
 
     Each image is resized so that its short side is ``image_size`` and centre-cropped to a square;
     boxes move the same way and are clipped to the square. A box is dropped when its clipped width
-    or height is under 1 pixel (it was cropped away). VOC's 1-based inclusive pixel indices become
-    continuous coordinates: ``xmin..xmax`` covers ``[xmin - 1, xmax]``.
+    or height is under 1 pixel (it was cropped away). All of this is one ``transforms.v2`` pipeline,
+    ``self.transform`` (``ResizeShortSideCenterCrop``, ``ClampBoundingBoxes``, ``SanitizeBoundingBoxes``),
+    applied to a dict of ``tv_tensors.Image``, ``tv_tensors.BoundingBoxes`` and labels. VOC's 1-based
+    inclusive pixel indices become continuous coordinates: ``xmin..xmax`` covers ``[xmin - 1, xmax]``.
 
     Args:
         dataset_dir: folder that holds (or will hold) ``VOCdevkit``.
@@ -212,6 +226,7 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
         self.bad_paths: List[str] = []
         self.idx_to_class = dict(enumerate(VOC_CLASSES))
         self.class_to_idx = {name: idx for idx, name in self.idx_to_class.items()}
+        self.transform = _square_pipeline(image_size)
         voc = self._open_voc(download)
         self.image_paths: List[str] = list(voc.images)
         self.annotation_paths: List[str] = list(voc.annotations)
@@ -269,12 +284,21 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
 
     def _load_item(self, index: int):
         path = self.image_paths[index]
-        image, transform = _resize_center_crop(_read_rgb(path), self.image_size)
+        image = tv_tensors.Image(_read_rgb(path))
         gt_boxes, difficult = self.read_annotation(index)
-        gt_boxes, inside = _crop_boxes(gt_boxes, transform, self.image_size)
-        keep = inside if self.return_difficult else inside & ~difficult
-        item = (path, normalize_image(image), _pad_rows(gt_boxes[keep]))
-        return (*item, _pad_rows(difficult[keep], False)) if self.return_difficult else item
+        if not self.return_difficult:
+            gt_boxes, difficult = gt_boxes[~difficult], difficult[~difficult]
+        sample = {
+            "image": image,
+            "boxes": tv_tensors.BoundingBoxes(gt_boxes[:, :4], format="XYXY", canvas_size=tuple(image.shape[-2:])),
+            # One tensor for the class and the flag, so that SanitizeBoundingBoxes drops both with their box.
+            "labels": torch.stack([gt_boxes[:, 4], difficult.float()], dim=1),
+        }
+        sample = self.transform(sample)
+        boxes, labels = sample["boxes"].as_subclass(torch.Tensor), sample["labels"]
+        image = normalize_image(sample["image"].as_subclass(torch.Tensor))
+        item = (path, image, _pad_rows(torch.cat([boxes, labels[:, :1]], dim=1)))
+        return (*item, _pad_rows(labels[:, 1].bool(), False)) if self.return_difficult else item
 
 
 # Synthetic shapes

@@ -3,7 +3,7 @@ DDP), the NaN guard, ``read_checkpoint``, ``compile_detector`` and ``reset_seed`
 
 Detectors are passed in and follow one small interface: in train mode ``losses = detector(images
 (B, 3, H, W), gt_boxes (B, M, 5))`` returns a dict of scalar loss tensors whose sum is the total loss.
-Imports: ``detection_data`` and ``distributed``; no detector.
+Imports: ``detection_data``, ``augmentation`` and ``distributed``; no detector.
 """
 
 import contextlib
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm  # a single-line widget in a notebook, a text bar in a terminal
 
 import distributed
+from augmentation import BatchAugmentation
 from detection_data import PathLike, _save_atomically, prepare_images
 
 
@@ -239,6 +240,7 @@ def train_detector(
     progress: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
     optimizer: str = "sgd",
+    augmentation: Optional[BatchAugmentation] = None,
 ) -> Dict[str, List[float]]:
     """Train a detector with SGD, a warm-up and two LR steps; resumable exactly from a checkpoint.
 
@@ -273,9 +275,9 @@ def train_detector(
             ``"format"`` (1), ``"iteration"`` (updates done), ``"max_iters"``, ``"model"``,
             ``"optimizer"``, ``"scheduler"``, ``"scaler"`` (state dicts), ``"loss_history"``,
             ``"rng"`` (python, numpy, torch, cuda), ``"data"`` (epoch, batch within it, RNG
-            states at the epoch's start), ``"model_class"`` and ``"optimizer_class"`` (class names) and
-            ``"metadata"``. If it exists when training starts, training resumes from it and ends
-            exactly as an uninterrupted run would.
+            states at the epoch's start), ``"augmentation"`` (with ``augmentation`` only),
+            ``"model_class"`` and ``"optimizer_class"`` (class names) and ``"metadata"``. If it exists
+            when training starts, training resumes from it and ends exactly as an uninterrupted run would.
         warmup_iters: length of the linear warm-up; ``None`` = ``min(100, max_iters // 10)``.
         grad_clip: clip the global gradient norm to this value (``GRAD_CLIP``, 10, by default); ``None``
             does not clip. A randomly initialised backbone receives gradients with norms in the
@@ -289,6 +291,11 @@ def train_detector(
             ``"metadata"`` in every checkpoint, so that the checkpoint can rebuild its detector.
         optimizer: ``"sgd"`` (momentum 0.9, the course's choice for ImageNet-initialised backbones)
             or ``"adamw"``, which trains a randomly initialised backbone much faster.
+        augmentation: a ``BatchAugmentation`` applied to every batch on ``device``, after the images are
+            normalised (so after a uint8 cache); ``None`` trains on the images as they come. Its random
+            state is saved in the checkpoint (``"augmentation"``, and per rank in ``"rank_states"``), so a
+            resume continues its stream exactly; resuming a checkpoint saved with another augmentation
+            setting (or none) raises a RuntimeError.
     Returns:
         Loss history ``{loss or metric name: [value per iteration], ..., "total": [...]}`` over all
         ``max_iters`` iterations (including those before a resume).
@@ -316,6 +323,8 @@ def train_detector(
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     batches = _ResumableBatches(train_loader)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "data": batches}
+    if augmentation is not None:
+        parts["augmentation"] = augmentation
     start, history = 0, defaultdict(list)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history = _resume(checkpoint_path, parts, max_iters)
@@ -325,7 +334,7 @@ def train_detector(
     bar = tqdm(range(start, max_iters), initial=start, total=max_iters, desc="train", disable=not (progress and main))
     last_saved = start if start > 0 else None
     for iteration in bar:
-        losses = _forward(detector, next(batches), device, autocast_dtype)
+        losses = _forward(detector, next(batches), device, autocast_dtype, augmentation)
         values = _loss_values(losses, getattr(model, "training_metrics", {}))
         if not all(math.isfinite(value) for value in values.values()):
             bar.close()
@@ -382,11 +391,17 @@ def compile_detector(detector: nn.Module, **compile_options: Any) -> nn.Module:
 
 
 def _forward(
-    detector: nn.Module, batch: Sequence, device: torch.device, autocast_dtype: Optional[torch.dtype]
+    detector: nn.Module,
+    batch: Sequence,
+    device: torch.device,
+    autocast_dtype: Optional[torch.dtype],
+    augmentation: Optional[BatchAugmentation] = None,
 ) -> Dict[str, torch.Tensor]:
     _, images, gt_boxes = batch[:3]
     images = prepare_images(images, device)
     gt_boxes = gt_boxes.to(device, non_blocking=True)
+    if augmentation is not None:  # on the device, after the cache: the cached images stay unaugmented
+        images, gt_boxes = augmentation(images, gt_boxes)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with autocast:
         return detector(images, gt_boxes)
@@ -409,16 +424,18 @@ def _update(
 
 
 def _checkpoint(iteration: int, max_iters: int, parts: Mapping[str, Any], history: Mapping[str, List[float]]) -> Dict:
-    """The training state to save. Under DDP every rank must call this (it gathers the ranks' RNG and
-    data states); "rng" and "data" are rank 0's, "rank_states" lists every rank's."""
+    """The training state to save. Under DDP every rank must call this (it gathers the ranks' RNG, data
+    and augmentation states); "rng", "data" and "augmentation" are rank 0's, "rank_states" lists every rank's."""
     state = {name: part.state_dict() for name, part in parts.items()}
-    ranks = distributed.all_gather_objects({"rng": _rng_states(), "data": state["data"]})
+    own = {name: state[name] for name in ("data", "augmentation") if name in state}
+    ranks = distributed.all_gather_objects({"rng": _rng_states(), **own})
     state.update(
         format=_CHECKPOINT_FORMAT,
         iteration=iteration,
         max_iters=max_iters,
         rng=ranks[0]["rng"],
         data=ranks[0]["data"],
+        **({"augmentation": ranks[0]["augmentation"]} if "augmentation" in state else {}),
         loss_history={name: list(values) for name, values in history.items()},
         model_class=type(parts["model"]).__name__,
         optimizer_class=type(parts["optimizer"]).__name__,
@@ -448,6 +465,7 @@ def _resume(path: PathLike, parts: Mapping[str, Any], max_iters: int) -> Tuple[i
     """Restore every part from a checkpoint; returns (iterations done, loss history)."""
     checkpoint = read_checkpoint(path)
     _check_model_fits(path, checkpoint, parts["model"])
+    _check_augmentation_fits(path, checkpoint, parts)
     saved_optimizer, optimizer = checkpoint.get("optimizer_class"), type(parts["optimizer"]).__name__
     if saved_optimizer not in (None, optimizer):
         raise RuntimeError(
@@ -461,20 +479,39 @@ def _resume(path: PathLike, parts: Mapping[str, Any], max_iters: int) -> Tuple[i
             stacklevel=3,
         )
     for name, part in parts.items():
-        if name != "data":
+        if name not in ("data", "augmentation"):
             part.load_state_dict(checkpoint[name])
     own = _own_rank_state(path, checkpoint, max_iters)
     parts["data"].load_state_dict(own["data"])
+    if "augmentation" in parts:
+        parts["augmentation"].load_state_dict(own["augmentation"])
     # Last, because restoring the data position replays the start of its epoch on torch's RNG.
     _set_rng_states(own["rng"])
     return checkpoint["iteration"], defaultdict(list, checkpoint["loss_history"])
 
 
+def _check_augmentation_fits(path: PathLike, checkpoint: Mapping[str, Any], parts: Mapping[str, Any]) -> None:
+    """Refuse, before loading anything, a checkpoint saved with augmentation by a run without, or the reverse."""
+    saved, wanted = "augmentation" in checkpoint, "augmentation" in parts
+    if saved != wanted:
+        raise RuntimeError(
+            f"{os.fspath(path)!r} was trained {'with' if saved else 'without'} augmentation, this run is "
+            f"{'with' if wanted else 'without'}; it was left untouched. Resume with the same augmentation "
+            "setting, or pass another checkpoint_path."
+        )
+    if saved:
+        try:
+            parts["augmentation"].check_settings(checkpoint["augmentation"])
+        except ValueError as error:
+            raise RuntimeError(f"{os.fspath(path)!r} cannot be resumed: {error} It was left untouched.") from error
+
+
 def _own_rank_state(path: PathLike, checkpoint: Mapping[str, Any], max_iters: int) -> Dict[str, Any]:
-    """This rank's saved ``{"rng", "data"}``; rank 0's when the checkpoint was saved by another number of
-    processes. The data order then still goes on exactly with a ``DistributedSampler`` as in detect.py,
-    where a step takes the same global batch with any number of processes."""
-    saved = checkpoint.get("rank_states") or [{"rng": checkpoint["rng"], "data": checkpoint["data"]}]
+    """This rank's saved ``{"rng", "data"}`` (and ``"augmentation"`` when it has one); rank 0's when the
+    checkpoint was saved by another number of processes. The data order then still goes on exactly with a
+    ``DistributedSampler`` as in detect.py, where a step takes the same global batch with any number of processes."""
+    top = {name: checkpoint[name] for name in ("rng", "data", "augmentation") if name in checkpoint}
+    saved = checkpoint.get("rank_states") or [top]
     if len(saved) == distributed.world_size():
         return saved[distributed.rank()]
     if checkpoint["iteration"] < max_iters:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
 import a4_helper
 import detection_data
@@ -40,6 +41,7 @@ from a4_helper import (
     reset_seed,
     train_detector,
 )
+from augmentation import BatchAugmentation
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -90,8 +92,19 @@ _VOC_FIXTURE = {
     ),
     "000002": ((150, 333), [("car", 31, 201, 120, 300, 0)]),  # portrait, odd height
     "000003": ((193, 257), []),  # no objects at all
+    # VOC's most common size: its long side 500 * 224 / 375 = 298.67 rounds to 299 (v2.Resize would truncate
+    # to 298) and the crop offset (299 - 224) / 2 = 37.5 is floored to 37 (v2.CenterCrop would round to 38).
+    "000004": (
+        (500, 375),
+        [("horse", 1, 1, 500, 375, 0), ("sheep", 40, 300, 80, 370, 1), ("train", 480, 10, 500, 200, 0)],
+    ),
 }
-_VOC_SPLIT_FILES = {"train": ["000001", "000002"], "val": ["000003"], "trainval": ["000001", "000002", "000003"]}
+_VOC_SPLIT_FILES = {
+    "train": ["000001", "000002"],
+    "val": ["000003"],
+    "trainval": ["000001", "000002", "000003"],
+    "test": ["000001", "000002", "000003", "000004"],
+}
 
 
 def _write_voc_fixture(dataset_dir, splits=_VOC_SPLIT_FILES):
@@ -156,6 +169,48 @@ def test_voc_pixels_move_like_the_boxes(voc_dir):
     rgb = denormalize_image(image).astype(int)
     assert rgb[100, 100, 0] > 200 and rgb[100, 100, 2] < 50
     assert rgb[100, 124, 2] > 200 and rgb[100, 124, 0] < 50
+
+
+def _items_as_before_transforms_v2(voc_dir, image_id, image_size, keep_difficult):
+    """A frozen copy of the data set's arithmetic before it moved to ``transforms.v2``: the long side
+    rounded, the crop offset floored, boxes scaled by the exact side ratios, shifted, clipped to [0, S]
+    and dropped under 1 pixel. Returns (image (3, S, S) normalised, gt rows (N, 5), difficult (N,))."""
+    S, ((W, H), objects) = image_size, _VOC_FIXTURE[image_id]
+    path = os.path.join(voc_dir, "VOCdevkit", "VOC2007", "JPEGImages", f"{image_id}.jpg")
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    new_w, new_h = max(S, round(W * S / min(W, H))), max(S, round(H * S / min(W, H)))
+    left, top = (new_w - S) // 2, (new_h - S) // 2
+    image = TF.resize(pixels, [new_h, new_w], antialias=True)[:, top : top + S, left : left + S]
+    rows, flags = [], []
+    for name, x1, y1, x2, y2, difficult in objects:
+        x1, x2 = (min(max(x * new_w / W - left, 0), S) for x in (x1 - 1, x2))
+        y1, y2 = (min(max(y * new_h / H - top, 0), S) for y in (y1 - 1, y2))
+        if x2 - x1 >= 1 and y2 - y1 >= 1 and (keep_difficult or not difficult):
+            rows.append([x1, y1, x2, y2, detection_data.VOC_CLASSES.index(name)])
+            flags.append(bool(difficult))
+    return normalize_image(image), torch.tensor(rows).reshape(-1, 5), torch.tensor(flags, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("keep_difficult", [False, True], ids=["training", "evaluation"])
+@pytest.mark.parametrize("image_size", [224, 96])
+def test_voc_items_through_transforms_v2_are_the_items_of_before(voc_dir, image_size, keep_difficult):
+    dataset = VOC2007DetectionTiny(voc_dir, "test", image_size=image_size, return_difficult=keep_difficult)
+    for index, image_id in enumerate(_VOC_SPLIT_FILES["test"]):
+        image, rows, flags = _items_as_before_transforms_v2(voc_dir, image_id, image_size, keep_difficult)
+        item = dataset[index]
+        assert_close(item[1], image, rtol=0, atol=1e-4)
+        assert_close(item[2][: len(rows)], rows, rtol=0, atol=1e-3)
+        assert (item[2][len(rows) :] == -1).all()
+        if keep_difficult:
+            assert torch.equal(item[3][: len(rows)], flags) and not item[3][len(rows) :].any()
+
+
+def test_voc_transform_is_a_v2_pipeline_that_load_image_shares(voc_dir):
+    dataset = VOC2007DetectionTiny(voc_dir, "test")
+    names = [type(step).__name__ for step in dataset.transform.transforms]
+    assert names == ["ResizeShortSideCenterCrop", "ClampBoundingBoxes", "SanitizeBoundingBoxes"]
+    assert_close(a4_helper.load_image(dataset.image_paths[3]), dataset[3][1], rtol=0, atol=0)
+    assert not hasattr(detection_data, "_resize_center_crop") and not hasattr(detection_data, "_crop_boxes")
 
 
 def test_voc_image_without_objects_is_all_padding(voc_dir):
@@ -627,26 +682,42 @@ def test_grad_clip_bounds_the_first_update():
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
 @pytest.mark.parametrize("own_generator", [False, True], ids=["global-rng-shuffle", "loader-generator-shuffle"])
-def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, own_generator):
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, own_generator, augment):
+    augmentation = lambda seed: BatchAugmentation(seed=seed) if augment else None  # noqa: E731
     torch.manual_seed(0)
     reference = TinyDetector()
-    reference_history = _train(reference, _loader(own_generator))
+    reference_history = _train(reference, _loader(own_generator), augmentation=augmentation(0))
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     with pytest.raises(KeyboardInterrupt):  # crash in iteration 7: the checkpoint of iteration 4 stays
-        _train(FailingDetector(fail_at=7), _loader(own_generator), checkpoint)
+        _train(FailingDetector(fail_at=7), _loader(own_generator), checkpoint, augmentation=augmentation(0))
     assert torch.load(checkpoint, weights_only=True)["iteration"] == 4
     assert os.listdir(checkpoint.parent) == ["checkpoint.pt"]  # no temporary file left behind
 
-    reset_seed(123)  # a different RNG, initial weights and loader generator: the checkpoint must restore them
-    resumed = TinyDetector()
-    history = _train(resumed, _loader(own_generator, generator_seed=5), checkpoint)
+    reset_seed(123)  # a different RNG, initial weights, loader generator and augmentation stream: the checkpoint
+    resumed = TinyDetector()  # must restore them all
+    history = _train(resumed, _loader(own_generator, generator_seed=5), checkpoint, augmentation=augmentation(9))
     for name, value in reference.state_dict().items():
         assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-7)
     assert history == reference_history
     assert torch.load(checkpoint, weights_only=True)["iteration"] == 12
+
+
+def test_augmented_checkpoint_is_not_resumed_without_augmentation_nor_the_reverse(tmp_path):
+    augmented, plain = tmp_path / "augmented.pt", tmp_path / "plain.pt"
+    _train(TinyDetector(), _loader(), augmented, max_iters=4, augmentation=BatchAugmentation())
+    _train(TinyDetector(), _loader(), plain, max_iters=4)
+    before = augmented.read_bytes()
+    with pytest.raises(RuntimeError, match="trained with augmentation, this run is without"):
+        _train(TinyDetector(), _loader(), augmented, max_iters=4)
+    with pytest.raises(RuntimeError, match="trained without augmentation, this run is with"):
+        _train(TinyDetector(), _loader(), plain, max_iters=4, augmentation=BatchAugmentation())
+    with pytest.raises(RuntimeError, match="resume with the same settings"):
+        _train(TinyDetector(), _loader(), augmented, max_iters=4, augmentation=BatchAugmentation(flip=False))
+    assert augmented.read_bytes() == before
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -46,3 +46,16 @@ def test_torchvision_adapter_trains_and_predicts_with_our_labels():
             labels = prediction["labels"]
             # Faster R-CNN's background is torchvision's class 0: our classes come back as 0..K-1.
             assert len(labels) > 0 and labels.min() >= 0 and labels.max() < bench.NUM_CLASSES
+
+
+def test_augmentation_benchmark_variants_and_table():
+    import bench_augmentation
+
+    from augmentation import BatchAugmentation
+
+    for settings in bench_augmentation.VARIANTS.values():  # each a valid BatchAugmentation, or none
+        assert settings is None or isinstance(BatchAugmentation(**settings), BatchAugmentation)
+    lines = bench_augmentation.table({"none": [0.5, 0.7], "flip": [0.6]}).splitlines()
+    # none: mean 0.6, sample standard deviation sqrt(((0.5-0.6)^2 + (0.7-0.6)^2) / 1) = 0.1414
+    assert lines[1].split() == ["none", "0.600", "0.141", "0.500", "0.700"]
+    assert lines[2].split() == ["flip", "0.600", "0.000", "0.600"]

@@ -62,6 +62,16 @@ def test_rerun_resumes_and_other_settings_are_refused(tmp_path):
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["iteration"] == 3
 
 
+def test_augment_option_trains_with_augmentation_and_its_rerun_needs_it(tmp_path):
+    out = str(tmp_path / "run")
+    detect.main(["train", "--weights", "none", "--out", out, "--augment", *TINY_RUN])
+    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert saved["metadata"]["config"]["augment"] is True and saved["augmentation"]["flip"] is True
+    with pytest.raises(SystemExit, match="augment differ"):
+        detect.main(["train", "--weights", "none", "--out", out, "--no-augment", *TINY_RUN])
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["iteration"] == 3
+
+
 def test_checkpoint_without_configuration_is_refused(tmp_path):
     path = tmp_path / "foreign.pt"
     torch.save({"model": {}}, path)
@@ -91,7 +101,17 @@ def test_wrong_arguments_exit_with_usage_and_write_nothing(tmp_path, argv):
 
 def test_help_documents_every_train_option():
     help_text = detect.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for option in ("--model", "--data", "--iters", "--out", "--weights", "--batch-size", "--image-size", "--lr"):
+    for option in (
+        "--model",
+        "--data",
+        "--iters",
+        "--out",
+        "--weights",
+        "--batch-size",
+        "--image-size",
+        "--lr",
+        "--augment",
+    ):
         assert option in help_text
 
 

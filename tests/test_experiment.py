@@ -8,7 +8,7 @@ import re
 import pytest
 
 import experiment
-from experiment import RECIPES, RunConfig, build_detector
+from experiment import RECIPES, RunConfig, build_detector, make_augmentation
 from two_stage_detector import RPN, FCOSProposalNetwork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +58,10 @@ def test_the_readmes_python_example_runs_and_does_what_it_says(capsys):
     assert len(namespace["predictions"]) == 4 and set(namespace["predictions"][0]) == {"boxes", "labels", "scores"}
     assert 0 <= namespace["result"]["map"] <= 1 and len(namespace["history"]["total"]) == 30
     assert "mAP@0.5" in capsys.readouterr().out
+
+
+def test_the_voc_recipe_augments_and_the_quick_start_does_not():
+    # README, Augmentation: the measurement behind both defaults.
+    assert RECIPES["voc2007"].augment and not RECIPES["synthetic"].augment
+    assert make_augmentation(RECIPES["synthetic"]) is None
+    assert make_augmentation(RECIPES["voc2007"], seed=1).generator.initial_seed() == 1

@@ -38,3 +38,16 @@ def test_roi_align_matches_torchvision_on_the_gpu():
     torch.testing.assert_close(our_grad, their_grad)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert roi_align(features.bfloat16(), rois, (7, 7), 1 / 8).dtype == torch.bfloat16
+
+
+def test_augmentation_on_the_gpu_gives_the_batch_of_the_cpu():
+    from augmentation import BatchAugmentation
+    from detection_data import SyntheticDetection
+
+    items = [SyntheticDetection("train", num_images=8, image_size=64)[i] for i in range(8)]
+    images, gt_boxes = torch.stack([item[1] for item in items]), torch.stack([item[2] for item in items])
+    on_cpu = BatchAugmentation(seed=3)(images, gt_boxes)
+    on_gpu = BatchAugmentation(seed=3)(images.cuda(), gt_boxes.cuda())
+    assert on_gpu[0].is_cuda and on_gpu[1].is_cuda
+    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(on_gpu[1].cpu(), on_cpu[1], rtol=0, atol=1e-3)
