@@ -93,6 +93,12 @@ class FCOSPredictionNetwork(nn.Module):
         # RetinaNet 4.1 / FCOS 3.1: start every class at probability 0.01 so that the many
         # background locations do not swamp the focal loss in the first iterations.
         nn.init.constant_(self.pred_cls.bias, -math.log(99))
+        if nonnegative_deltas and not exp_deltas:
+            # Every box starts one stride from its location on each side, not as a point. A point-sized
+            # box gets no gradient from an IoU loss (its area is a product of two zero lengths), and
+            # once an update pushes the outputs below zero the ReLU passes none either: the box head
+            # would stay dead for the whole run (seen with AdamW and augmentation, README).
+            nn.init.constant_(self.pred_box.bias, 1.0)
         # END SOLUTION
 
     def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:

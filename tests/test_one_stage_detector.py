@@ -170,6 +170,23 @@ def test_prediction_network_group_norm_and_learnable_scales():
     assert_close(plain(feats)[1]["p3"], raw.clamp(min=0))
 
 
+def test_boxes_start_one_stride_wide_so_that_the_box_loss_has_a_gradient():
+    # With a ReLU on the box output, the bias starts at 1: each side one stride from the location.
+    relu_head = FCOSPredictionNetwork(3, 16, [16], nonnegative_deltas=True)
+    assert_close(relu_head.pred_box.bias.detach(), torch.ones(4))
+    for plain in (FCOSPredictionNetwork(3, 16, [16]), FCOSPredictionNetwork(3, 16, [16], exp_deltas=True)):
+        assert_close(plain.pred_box.bias.detach(), torch.zeros(4))  # the course's head; exp(0) is 1 already
+    # A fresh default FCOS: a 16-px box around each location of a 24-px object overlaps it, so the GIoU
+    # loss is well under 1 and its gradient reaches the box bias. With the bias at 0 the boxes start as
+    # points and the same batch gives 0.9997 (the dead box head of the README's augmentation section).
+    torch.manual_seed(0)
+    fcos = FCOS(3, 16, [16, 16], pretrained=False)
+    losses = fcos(torch.rand(1, 3, 64, 64), torch.tensor([[[20.0, 20, 44, 44, 1]]]))
+    assert losses["loss_box"] < 0.9
+    losses["loss_box"].backward()
+    assert fcos.pred_net.pred_box.bias.grad.abs().sum() > 1e-3
+
+
 def test_prediction_network_exp_deltas_are_the_exponential_of_the_scaled_output():
     torch.manual_seed(0)
     head = FCOSPredictionNetwork(3, 16, [16, 16], learnable_scales=True, exp_deltas=True)
