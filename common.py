@@ -14,7 +14,7 @@ Sentinels
     ``BACKGROUND`` and ``NEUTRAL``, with their predicates ``is_background`` and ``is_matched``.
 FPN levels
     ``"p3", "p4", "p5"`` with strides 8, 16, 32. A 224 x 224 image has 28*28 + 14*14 + 7*7 = 1029
-    locations.
+    locations. FCOS can add ``"p2"`` (stride 4) in front (``DetectorBackboneWithFPN``'s ``levels``).
 Location order
     Row-major: index ``i * Wl + j`` is the location at row ``i``, column ``j``, whose centre is
     ``x = (j + 0.5) * stride``, ``y = (i + 0.5) * stride``. This is exactly the order in which
@@ -41,14 +41,21 @@ from torchvision.models import feature_extraction
 
 TensorDict = Dict[str, torch.Tensor]
 
-FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}
+FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}  # the course's levels, every detector's default
+# Every level the backbone can build; a detector uses a run of consecutive ones.
+ALL_FPN_STRIDES = {"p2": 4, **FPN_STRIDES}
 
 BACKGROUND = -1.0  # every value of the matched row of a background location, anchor or proposal
 NEUTRAL = -1e8  # every value of the matched row of an anchor that R-CNN matching ignores
 
-# RegNetX-400MF stages that give c3, c4, c5 (strides 8, 16, 32) and their widths.
-_TRUNK_NODES = {"trunk_output.block2": "c3", "trunk_output.block3": "c4", "trunk_output.block4": "c5"}
-_TRUNK_CHANNELS = {"c3": 64, "c4": 160, "c5": 400}
+# RegNetX-400MF stages that give c2, c3, c4, c5 (strides 4, 8, 16, 32) and their widths.
+_TRUNK_NODES = {
+    "trunk_output.block1": "c2",
+    "trunk_output.block2": "c3",
+    "trunk_output.block3": "c4",
+    "trunk_output.block4": "c5",
+}
+_TRUNK_CHANNELS = {"c2": 32, "c3": 64, "c4": 160, "c5": 400}
 
 # Inference defaults of both detectors (``predict``, the course's ``inference``, the evaluation and the
 # command line). A low score threshold keeps the low-confidence tail that average precision rewards
@@ -115,41 +122,81 @@ class DetectorBackboneWithFPN(nn.Module):
         out_channels: channels C of every FPN level.
         pretrained: ``True`` for torchvision's ImageNet weights, a path to a saved state dict of
             ``torchvision.models.regnet_x_400mf``, or ``False`` for random initialisation.
+        levels: the FPN levels to build, consecutive, finest first: the course's ``("p3", "p4", "p5")``,
+            or ``("p2", "p3", "p4", "p5")``, which adds a level of stride 4 from the trunk's c2 (the
+            FPN paper's finest level, Sec. 4.1). The added weights are drawn after the others, so a seed
+            gives p3-p5 the same initial weights either way.
+        fine_p3: also feed the trunk's stride-4 stage c2 into p3, through a 3x3 conv of stride 2 added
+            to p3's lateral (the first step of PANet's bottom-up path, Liu et al., CVPR 2018, 3.1,
+            without building p2). c3 has already pooled away where inside each 8-px cell an edge lies;
+            c2 still knows, which is what a box of 10 px needs. It costs one small conv on p3.
     """
 
-    def __init__(self, out_channels: int, pretrained: Union[bool, str, os.PathLike] = True):
+    def __init__(
+        self,
+        out_channels: int,
+        pretrained: Union[bool, str, os.PathLike] = True,
+        levels: Sequence[str] = tuple(FPN_STRIDES),
+        fine_p3: bool = False,
+    ):
         super().__init__()
         self.out_channels = out_channels
+        self.levels = check_fpn_levels(levels)
+        self.fine_p3 = fine_p3
+        self._stages = tuple(f"c{level[1:]}" for level in self.levels)  # "p3" is built from "c3"
+        trunk_stages = self._stages + (("c2",) if fine_p3 else ())
         trunk = torchvision.models.regnet_x_400mf(weights=None)
         _load_trunk_weights(trunk, pretrained)
-        self.backbone = feature_extraction.create_feature_extractor(trunk, return_nodes=_TRUNK_NODES)
+        nodes = {node: stage for node, stage in _TRUNK_NODES.items() if stage in trunk_stages}
+        self.backbone = feature_extraction.create_feature_extractor(trunk, return_nodes=nodes)
         self.fpn_params = nn.ModuleDict()
-        for c_name, level in zip(("c3", "c4", "c5"), FPN_STRIDES):
-            self.fpn_params[f"lateral_{level}"] = nn.Conv2d(_TRUNK_CHANNELS[c_name], out_channels, 1)
-            self.fpn_params[f"output_{level}"] = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # The course's levels first, p2 last: a seed gives the shared weights the same values with or without it.
+        for c_name, level in zip(self._stages, self.levels):
+            if level in FPN_STRIDES:
+                self._add_level(level, c_name)
+        if fine_p3:
+            self.fpn_params["c2_to_p3"] = nn.Conv2d(_TRUNK_CHANNELS["c2"], out_channels, 3, stride=2, padding=1)
+        if "p2" in self.levels:
+            self._add_level("p2", "c2")
+
+    def _add_level(self, level: str, c_name: str) -> None:
+        self.fpn_params[f"lateral_{level}"] = nn.Conv2d(_TRUNK_CHANNELS[c_name], self.out_channels, 1)
+        self.fpn_params[f"output_{level}"] = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)
 
     @property
     def fpn_strides(self) -> Dict[str, int]:
-        return dict(FPN_STRIDES)
+        return {level: ALL_FPN_STRIDES[level] for level in self.levels}
 
     def forward(self, images: torch.Tensor) -> TensorDict:
-        """Args: images (B, 3, H, W). Returns: {"p3": (B, C, H/8, W/8), "p4": .../16, "p5": .../32}.
+        """Args: images (B, 3, H, W). Returns: {"p3": (B, C, H/8, W/8), "p4": .../16, "p5": .../32},
+        with ``"p2": (B, C, H/4, W/4)`` first when the backbone has that level.
 
         After ``detector.to(memory_format=torch.channels_last)`` the images are laid out the same way
         here, so every conv runs in that layout (faster on GPUs with mixed precision, and on many CPUs).
         """
-        if self.fpn_params["output_p3"].weight.is_contiguous(memory_format=torch.channels_last):
+        if self.fpn_params[f"output_{self.levels[0]}"].weight.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
         c_feats = self.backbone(images)
         fpn_feats = {}
         top_down = None
-        for c_name, level in reversed(list(zip(("c3", "c4", "c5"), FPN_STRIDES))):
+        for c_name, level in reversed(list(zip(self._stages, self.levels))):
             lateral = self.fpn_params[f"lateral_{level}"](c_feats[c_name])
+            if level == "p3" and self.fine_p3:
+                lateral = lateral + self.fpn_params["c2_to_p3"](c_feats["c2"])
             if top_down is not None:
                 lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
             top_down = lateral
             fpn_feats[level] = self.fpn_params[f"output_{level}"](lateral)
-        return {level: fpn_feats[level] for level in FPN_STRIDES}
+        return {level: fpn_feats[level] for level in self.levels}
+
+
+def check_fpn_levels(levels: Sequence[str]) -> Tuple[str, ...]:
+    """``levels`` as a tuple if they are consecutive FPN levels ending with p5; else ``ValueError``."""
+    levels = tuple(levels)
+    names = list(ALL_FPN_STRIDES)
+    if not levels or levels != tuple(names[names.index(levels[0]) :] if levels[0] in names else ()):
+        raise ValueError(f"FPN levels must be ('p3', 'p4', 'p5') or ('p2', 'p3', 'p4', 'p5'), got {levels!r}")
+    return levels
 
 
 def conv_stem(

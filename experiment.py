@@ -10,13 +10,14 @@ Imports: the detector modules, ``common``, ``detection_data`` and ``training``; 
 """
 
 import dataclasses
+import inspect
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
 from augmentation import BatchAugmentation
-from common import DetectorBackboneWithFPN
+from common import ALL_FPN_STRIDES, DetectorBackboneWithFPN
 from detection_data import PreprocessedCache, SyntheticDetection, VOC2007DetectionTiny
 from one_stage_detector import COURSE_FCOS, FCOS
 from training import read_checkpoint
@@ -25,6 +26,10 @@ from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, 
 # Faster R-CNN's first stage when none is named: FCOS's head proposes better boxes than the anchor RPN
 # (README, Accuracy); the course teaches the RPN.
 DEFAULT_FIRST_STAGE = {"improved": "fcos", "course": "rpn"}
+P2_LEVELS = tuple(ALL_FPN_STRIDES)  # ("p2", "p3", "p4", "p5")
+# RunConfig fields that are FCOS options, and FCOS's defaults for them.
+_FCOS_FIELDS = ("fine_p3", "object_balance")
+_FCOS_DEFAULTS = {name: inspect.signature(FCOS).parameters[name].default for name in _FCOS_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,12 @@ class RunConfig:
     ``"rpn"`` or ``"fcos"``; ``None`` means the variant's default (``DEFAULT_FIRST_STAGE``).
     ``train_images`` / ``eval_images`` size the synthetic set (VOC uses its whole splits).
     ``augment`` trains with ``augmentation.BatchAugmentation``'s defaults (``make_augmentation``).
+    ``p2`` (FCOS only) adds the FPN level of stride 4 (``FCOS``'s ``fpn_levels``): better on small
+    objects, about twice the compute (README, Accuracy). ``fine_p3`` and ``object_balance`` are
+    ``FCOS``'s options of those names; ``None`` means the variant's value, and a checkpoint stores
+    the value it was built with, so that it keeps its meaning when the defaults move on (a stored FCOS
+    configuration without them predates them: off). Faster R-CNN's backbone has ``fine_p3`` only when
+    it starts from an FCOS that has it (``detect.py train --init-from``).
     ``num_classes`` and ``idx_to_class`` come from the training data once it is open.
     """
 
@@ -54,6 +65,9 @@ class RunConfig:
     first_stage: Optional[str] = None
     init_from: Optional[str] = None
     augment: bool = False
+    p2: bool = False
+    fine_p3: Optional[bool] = None
+    object_balance: Optional[float] = None
     num_classes: Optional[int] = None
     idx_to_class: Optional[Dict[int, str]] = None
 
@@ -64,12 +78,30 @@ class RunConfig:
             return None
         return self.first_stage or DEFAULT_FIRST_STAGE[self.variant]
 
+    def fcos_options(self) -> Dict[str, Any]:
+        """``FCOS``'s keyword arguments for this run (the variant's, then this run's own fields)."""
+        if self.model != "fcos":
+            return {}
+        options = dict(COURSE_FCOS) if self.variant == "course" else {}
+        options.update({name: getattr(self, name) for name in _FCOS_FIELDS if getattr(self, name) is not None})
+        if self.p2:
+            options["fpn_levels"] = P2_LEVELS
+        return options
+
+    def resolved(self) -> "RunConfig":
+        """This configuration with the variant's defaults filled in (Faster R-CNN's first stage, FCOS's
+        options): what is built, and what a checkpoint stores."""
+        values = {"first_stage": self.resolved_first_stage}
+        if self.model == "fcos":
+            options = self.fcos_options()
+            values.update({name: options.get(name, _FCOS_DEFAULTS[name]) for name in _FCOS_FIELDS})
+        return dataclasses.replace(self, **values)
+
     def to_dict(self) -> Dict[str, Any]:
-        """The dict a checkpoint stores: every field, Faster R-CNN's first stage resolved, and no empty
-        ``first_stage`` or ``init_from`` (so that it has the keys checkpoints have always had)."""
-        config = dataclasses.asdict(self)
-        config["first_stage"] = self.resolved_first_stage  # as built, so that reading it back agrees
-        for optional in ("first_stage", "init_from"):
+        """The dict a checkpoint stores: every field, resolved (``resolved``), and no empty optional
+        fields (so that it has the keys checkpoints have always had)."""
+        config = dataclasses.asdict(self.resolved())
+        for optional in ("first_stage", "init_from", *_FCOS_FIELDS):
             if config[optional] is None:
                 del config[optional]
         return config
@@ -84,6 +116,9 @@ class RunConfig:
         values.setdefault("variant", "course")
         if values.get("model") == "faster_rcnn":
             values.setdefault("first_stage", "rpn")
+        if values.get("model", cls.model) == "fcos":  # written before these options: they were off
+            values.setdefault("fine_p3", False)
+            values.setdefault("object_balance", 0.0)
         if values.get("idx_to_class") is not None:
             values["idx_to_class"] = {int(k): v for k, v in values["idx_to_class"].items()}
         return cls(**values)
@@ -123,11 +158,15 @@ def build_detector(config: Union[RunConfig, Mapping[str, Any]], pretrained=False
     stem_channels = [fpn_channels, fpn_channels]
     course = config.variant == "course"
     if config.model == "fcos":
-        return FCOS(num_classes, fpn_channels, stem_channels, pretrained=pretrained, **(COURSE_FCOS if course else {}))
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained)
+        return FCOS(num_classes, fpn_channels, stem_channels, pretrained=pretrained, **config.fcos_options())
+    for name in ("p2", "object_balance"):
+        if getattr(config, name):
+            raise ValueError(f"{name} is an option of FCOS only, not of Faster R-CNN.")
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained, fine_p3=bool(config.fine_p3))
     proposal_counts = dict(pre_nms_topk=400, post_nms_topk=80)
     if config.resolved_first_stage == "fcos":
-        first_stage_options = {**COURSE_FCOS, "nms_per_level": False} if course else {}
+        course_head = {name: value for name, value in COURSE_FCOS.items() if name not in _FCOS_FIELDS}  # no backbone
+        first_stage_options = {**course_head, "nms_per_level": False} if course else {}
         rpn = FCOSProposalNetwork(fpn_channels, stem_channels, **proposal_counts, **first_stage_options)
     else:
         rpn_options = COURSE_RPN if course else {}

@@ -16,7 +16,7 @@ SMALL = bench.Settings(image_size=64, train_images=4, eval_images=2, fpn_channel
 
 def test_every_variant_of_a_seed_starts_from_the_same_backbone():
     variants = {
-        "fcos": ["torchvision", "default", "course", "tv-rules"],
+        "fcos": ["torchvision", "default", "course", "tv-rules", "previous", "default +p2", "torchvision +p2"],
         "faster_rcnn": ["torchvision", "default", "course +He init"],
     }
     bench.check_same_start(variants, SMALL)  # raises if any backbone differs

@@ -231,3 +231,29 @@ def test_sentinels_and_their_predicates():
 def test_hello_common(capsys):
     common.hello_common()
     assert capsys.readouterr().out.strip() == "Hello from common.py!"
+
+
+def test_backbone_with_p2_shapes_and_same_start_for_p3_to_p5():
+    torch.manual_seed(3)
+    course = DetectorBackboneWithFPN(out_channels=16, pretrained=False)
+    torch.manual_seed(3)
+    with_p2 = DetectorBackboneWithFPN(out_channels=16, pretrained=False, levels=("p2", "p3", "p4", "p5"))
+    assert with_p2.fpn_strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    with torch.no_grad():
+        feats = with_p2.eval()(torch.randn(2, 3, 160, 96))
+    assert list(feats) == ["p2", "p3", "p4", "p5"]
+    for level, stride in with_p2.fpn_strides.items():
+        assert feats[level].shape == (2, 16, 160 // stride, 96 // stride)
+    # p2 only adds weights: the course's keys are unchanged (old checkpoints load), and p3-p5 start
+    # from the same draws, so that the benchmark compares like with like.
+    course_weights, p2_weights = course.state_dict(), with_p2.state_dict()
+    assert set(p2_weights) - set(course_weights) == {
+        f"fpn_params.{k}_p2.{p}" for k in ("lateral", "output") for p in ("weight", "bias")
+    }
+    assert all(torch.equal(course_weights[k], p2_weights[k]) for k in course_weights)
+
+
+@pytest.mark.parametrize("levels", [("p3", "p4"), ("p2", "p4", "p5"), (), ("p6",), ("p5", "p4", "p3")])
+def test_backbone_refuses_other_levels(levels):
+    with pytest.raises(ValueError, match=r"FPN levels must be \('p3', 'p4', 'p5'\) or \('p2'"):
+        DetectorBackboneWithFPN(out_channels=16, pretrained=False, levels=levels)

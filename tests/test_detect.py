@@ -135,7 +135,9 @@ def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_pa
     detector, config = detect.load_detector(str(rcnn_out / "checkpoint.pt"))
     assert config.first_stage == "fcos" and isinstance(detector.rpn, detect.FCOSProposalNetwork)
     own = detector.state_dict()
-    for key in ("backbone.fpn_params.output_p5.weight", "pred_net.pred_box.weight", "pred_net.stem_cls.0.weight"):
+    assert config.fine_p3  # the FCOS feeds c2 into p3, so its Faster R-CNN does too
+    copied_keys = ("backbone.fpn_params.output_p5.weight", "backbone.fpn_params.c2_to_p3.weight")
+    for key in (*copied_keys, "pred_net.pred_box.weight", "pred_net.stem_cls.0.weight"):
         own_key = key if key.startswith("backbone.") else "rpn." + key
         assert_close(own[own_key], fcos_state[key], atol=1e-8, rtol=0)
 
@@ -148,6 +150,16 @@ def test_fcos_first_stage_from_an_fcos_checkpoint_and_proposal_evaluation(tmp_pa
     assert (rcnn_out / "proposal_recall.png").is_file()
     with pytest.raises(SystemExit, match="faster_rcnn only"):
         detect.main(["train", "--model", "fcos", "--first-stage", "fcos", "--out", str(tmp_path / "x"), *TINY_RUN])
+
+
+def test_p2_trains_an_fcos_with_a_stride_4_level_that_its_checkpoint_remembers(tmp_path):
+    out = tmp_path / "p2"
+    detect.main(["train", "--p2", "--weights", "none", "--out", str(out), "--iters", "1", *TINY_RUN[2:]])
+    detector, config = detect.load_detector(str(out / "checkpoint.pt"))
+    assert config.p2 and detector.backbone.fpn_strides == {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+    with pytest.raises(SystemExit, match="--p2 applies to --model fcos only"):
+        detect.main(["train", "--model", "faster_rcnn", "--p2", "--out", str(tmp_path / "x"), *TINY_RUN])
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_course_variant_of_faster_rcnn_keeps_the_anchor_rpn(tmp_path):

@@ -19,10 +19,12 @@ CLASSES = {0: "cat", 1: "dog"}
 def test_a_stored_config_reads_back_as_the_same_config(model):
     config = dataclasses.replace(RECIPES["synthetic"], model=model, num_classes=2, idx_to_class=CLASSES)
     stored = config.to_dict()
-    assert RunConfig.from_dict(stored) == dataclasses.replace(config, first_stage=config.resolved_first_stage)
+    assert RunConfig.from_dict(stored) == config.resolved()
     # JSON (metrics.json) turns the class indices into strings; they come back as integers.
     assert RunConfig.from_dict(json.loads(json.dumps(stored))).idx_to_class == CLASSES
     assert ("first_stage" in stored) == (model == "faster_rcnn") and "init_from" not in stored
+    # FCOS's options are stored as built, so that a checkpoint keeps its meaning when the defaults change.
+    assert (stored.get("fine_p3"), stored.get("object_balance")) == ((True, 0.5) if model == "fcos" else (None, None))
 
 
 def test_old_configs_mean_what_they_meant_when_they_were_written():
@@ -31,6 +33,26 @@ def test_old_configs_mean_what_they_meant_when_they_were_written():
     config = RunConfig.from_dict({**old, "idx_to_class": {"0": "cat", "1": "dog"}, "unknown_key": 1})
     assert config.variant == "course" and config.first_stage == "rpn" and config.idx_to_class == CLASSES
     assert isinstance(build_detector(config).rpn, RPN)
+
+
+def test_an_fcos_stored_before_fine_p3_and_object_balance_is_rebuilt_without_them():
+    old = {"model": "fcos", "variant": "improved", "fpn_channels": 16, "num_classes": 2}
+    config = RunConfig.from_dict(old)
+    assert (config.fine_p3, config.object_balance) == (False, 0.0)
+    detector = build_detector(config)
+    assert not detector.backbone.fine_p3 and detector.object_balance == 0.0
+    assert "backbone.fpn_params.c2_to_p3.weight" not in detector.state_dict()  # its state dict loads
+    course = RunConfig(variant="course").resolved()
+    assert (course.fine_p3, course.object_balance) == (False, 0.0)
+
+
+def test_p2_builds_fcos_with_a_stride_4_level_and_old_configs_have_none():
+    config = RunConfig(model="fcos", fpn_channels=16, num_classes=2, p2=True)
+    assert list(build_detector(config).backbone.fpn_strides) == ["p2", "p3", "p4", "p5"]
+    assert RunConfig.from_dict(config.to_dict()).p2
+    assert not RunConfig.from_dict({"model": "fcos", "fpn_channels": 16, "num_classes": 2}).p2  # written before p2
+    with pytest.raises(ValueError, match="FCOS only"):
+        build_detector(dataclasses.replace(config, model="faster_rcnn"))
 
 
 def test_the_improved_faster_rcnn_proposes_with_fcos_unless_told_otherwise():

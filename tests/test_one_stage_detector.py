@@ -24,6 +24,7 @@ from one_stage_detector import (
     fcos_make_centerness_targets,
     fcos_make_targets,
     fcos_match_locations_to_gt,
+    fcos_object_balance_weights,
 )
 
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
@@ -519,3 +520,100 @@ def test_fcos_overfits_a_handful_of_synthetic_images():
     print(f"FCOS overfit: loss {totals[0]:.3f} -> {totals[-1]:.3f}, mAP@0.5 {result['map']:.3f}")
     assert totals[-1] < 0.5 * totals[0]
     assert result["map"] >= 0.9
+
+
+def test_p2_size_ranges_hand_worked():
+    """With p2 (stride 4) in front, p2 takes largest distances in (0, 32) and p3 (32, 64)."""
+    strides = {"p2": 4, **STRIDES}
+    shapes = {level: (1, 1, 128 // s, 128 // s) for level, s in strides.items()}
+    locations = get_fpn_location_coords(shapes, strides)
+    # A 10 x 10 box (largest distance < 10) and a 50 x 50 one centred on (90, 90): largest distance 25
+    # at the centre, up to 50 towards the corners, so it lands on p2 near its centre and p3 farther out.
+    gt = _padded([[20, 20, 30, 30, 1], [65, 65, 115, 115, 2]])
+    matched = fcos_match_locations_to_gt(locations, strides, gt)
+    small_on = {level: int((m[:, 4] == 1).sum()) for level, m in matched.items()}
+    # p2 centres at 4k + 2: x, y in {22, 26} lie inside (20, 30): 2 x 2 locations; p3's 20 and 28: 20 is
+    # on the border (not strictly inside), so only 28: 1 location, but p3 starts at distance 32.
+    assert small_on == {"p2": 4, "p3": 0, "p4": 0, "p5": 0}
+    large = {level: m[m[:, 4] == 2] for level, m in matched.items()}
+    assert len(large["p2"]) > 0 and len(large["p3"]) > 0 and len(large["p4"]) == 0
+    for level, lower, upper in (("p2", 0, 32), ("p3", 32, 64)):
+        in_box = matched[level][:, 4] == 2
+        x, y = locations[level][in_box].unbind(dim=1)
+        largest = torch.stack([x - 65, y - 65, 115 - x, 115 - y]).amax(dim=0)
+        assert ((largest > lower) & (largest < upper)).all()
+    # Without p2 the same small box lives on p3, at its one location inside: (28, 28).
+    course = fcos_match_locations_to_gt(_locations_for(128), STRIDES, gt)
+    assert int((course["p3"][:, 4] == 1).sum()) == 1
+
+
+def test_fcos_with_p2_trains_and_predicts_at_stride_4():
+    fcos = FCOS(5, 16, [16], pretrained=False, fpn_levels=("p2", "p3", "p4", "p5"))
+    assert fcos.pred_net.scales.shape == (4,)  # one learnable scale per level
+    images = torch.rand(2, 3, 64, 64)
+    gt = torch.stack([_padded([[8, 8, 18, 20, 1], [20, 12, 60, 60, 3]], 2), _padded([], 2)])
+    losses = fcos(images, gt)
+    assert all(torch.isfinite(v) and v >= 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert fcos.backbone.fpn_params["lateral_p2"].weight.grad.abs().sum() > 0
+    fcos.eval()
+    with torch.no_grad():  # spread the untrained scores apart so that candidates exist on every level
+        fcos.pred_net.pred_cls.weight.mul_(300)
+    locations, *_ = fcos._run_network(images)
+    assert [len(v) for v in locations.values()] == [256, 64, 16, 4]
+    detections = fcos.predict(images, score_thresh=0.0)
+    assert all(0 < len(d["boxes"]) <= fcos.max_detections for d in detections)
+
+
+def test_fcos_refuses_unknown_matching_at_construction():
+    with pytest.raises(ValueError, match="matching must be 'fcos' or 'atss', got 'nearest'"):
+        FCOS(5, 16, [16], pretrained=False, matching="nearest")
+
+
+def test_object_balance_weights_hand_worked():
+    # Image 0: object a has 1 location, object b 4, one location is background. Image 1: object c has 2;
+    # a second copy of c's row (annotated twice) is the same object; the padding row matches nothing.
+    a, b, c, bg = [0.0, 0, 8, 8, 0], [0.0, 0, 40, 40, 1], [8.0, 8, 30, 30, 2], [-1.0] * 5
+    matched = torch.tensor([[a, b, b, b, b, bg, bg], [c, c, bg, bg, bg, bg, bg]])
+    gt = torch.tensor([[a, b, bg], [c, c, bg]])
+    # power 1: every object counts once. 3 objects share the 7 foreground locations: 7/3 each, so
+    # a's location gets 7/3, b's four 7/12 each, c's two 7/6 each.
+    weights = fcos_object_balance_weights(matched, gt, 1.0)
+    expected = torch.tensor([[7 / 3, *[7 / 12] * 4, 0, 0], [7 / 6, 7 / 6, 0, 0, 0, 0, 0]])
+    assert_close(weights, expected)
+    # power 1/2: raw weights 1, 1/2 (x4), 1/sqrt(2) (x2), sum 3 + sqrt(2), scaled to add up to 7.
+    half = fcos_object_balance_weights(matched, gt, 0.5)
+    scale = 7 / (3 + math.sqrt(2))
+    assert_close(half[0, :5], scale * torch.tensor([1, 0.5, 0.5, 0.5, 0.5]))
+    assert_close(half[1, :2], scale * torch.tensor([1 / math.sqrt(2)] * 2))
+    assert_close(fcos_object_balance_weights(matched, gt, 0.0), (matched[..., 4] >= 0).float())  # FCOS's
+    assert (fcos_object_balance_weights(matched[:, :, :], gt[:, :0], 1.0) == 0).all()  # no rows at all
+
+
+def test_foreground_weights_scale_each_foreground_term_hand_computed():
+    # Two foreground locations (L1 box terms 0 and 0.5, as in the centerness test) and one background
+    # location. Weights 0.5 and 1.5 (they add up to the 2 foreground locations).
+    targets = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 1], [-1.0, -1, -1, -1]]])
+    matched = torch.tensor([[[0.0, 0, 16, 16, 0], [0.0, 0, 32, 32, 0], [-1.0, -1, -1, -1, -1]]])
+    pred = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 3], [5.0, 5, 5, 5]]])
+    cls_logits, ctr_logits = torch.tensor([[[2.0], [-1.0], [0.5]]]), torch.zeros(1, 3)
+    weights = torch.tensor([[0.5, 1.5, 0.0]])
+    plain = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1")
+    weighted = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1", foreground_weights=weights)
+    # Box: (0.5 * 0 + 1.5 * 0.5) / 2 = 0.375 (unweighted 0.25).
+    assert_close(weighted["loss_box"], torch.tensor(0.375))
+    # Centerness targets 1 and 1/3 at logit 0: BCE is ln 2 for both, so (0.5 + 1.5) ln 2 / 2 = ln 2, as unweighted.
+    assert_close(weighted["loss_ctr"], plain["loss_ctr"])
+    assert_close(weighted["loss_ctr"], torch.tensor(math.log(2)))
+    # Class: the focal terms of the two foreground locations are scaled, the background one is not.
+    focal = torchvision.ops.sigmoid_focal_loss(cls_logits, torch.tensor([[[1.0], [1.0], [0.0]]]), reduction="none")
+    expected = (0.5 * focal[0, 0] + 1.5 * focal[0, 1] + focal[0, 2]).sum() / 2
+    assert_close(weighted["loss_cls"], expected)
+
+
+def test_fcos_defaults_balance_objects_and_feed_c2_into_p3():
+    fcos = FCOS(5, 16, [16], pretrained=False)
+    assert fcos.object_balance == 0.5 and fcos.backbone.fine_p3
+    assert "backbone.fpn_params.c2_to_p3.weight" in fcos.state_dict()
+    course = FCOS(5, 16, [16], pretrained=False, **COURSE_FCOS)
+    assert course.object_balance == 0.0 and "fpn_params.c2_to_p3.weight" not in course.backbone.state_dict()
