@@ -23,9 +23,13 @@ improvement at a time):
   ``FasterRCNN(...)`` with its defaults on an ``FCOSProposalNetwork(...)`` first stage;
 * ``RPN first stage`` (Faster R-CNN): ``RPN(...)`` with its defaults instead, the structure of
   torchvision's ``FasterRCNN``; a run without ``--variants`` trains it too;
+* ``previous`` (FCOS): the default before ``fine_p3`` and ``object_balance``; ``previous +...``
+  add one option to it;
 * ``tv-rules`` (FCOS): ours with torchvision's rules: GroupNorm head, center sampling, GIoU loss,
   and none of the extras (for Faster R-CNN torchvision's rules are our defaults);
-* ``course``: the course's original detector (``COURSE_FCOS``, ``COURSE_RPN``).
+* ``course``: the course's original detector (``COURSE_FCOS``, ``COURSE_RPN``);
+* ``default +p2`` (FCOS): with the FPN level of stride 4 (``FCOS(..., fpn_levels=P2_LEVELS)``), and
+  ``torchvision +p2``: torchvision's FCOS on the same four levels, to compare like with like.
 
 Each (detector, variant, seed) is one job; ``--jobs`` runs them side by side, each with
 ``--threads`` threads. The table gives the mean over seeds, the spread (sample standard
@@ -78,8 +82,11 @@ class Settings:
 
 
 NUM_CLASSES = SyntheticDetection().num_classes
+FPN_LEVELS, P2_LEVELS = ("p3", "p4", "p5"), ("p2", "p3", "p4", "p5")
 
 # Our detectors' variants: keyword arguments of FCOS, and of RPN and FasterRCNN.
+# The default before fine_p3 and object_balance (README: the earlier ablation rows were measured on it).
+PREVIOUS_FCOS = {"fine_p3": False, "object_balance": 0.0}
 FCOS_VARIANTS = {
     "default": {},
     "tv-rules": dict(
@@ -89,6 +96,7 @@ FCOS_VARIANTS = {
         learnable_scales=False,
         nonnegative_deltas=True,
         centerness_weighted_box_loss=False,
+        **PREVIOUS_FCOS,
     ),
     "course": COURSE_FCOS,
     "course +group norm": {**COURSE_FCOS, "group_norm": True},
@@ -97,15 +105,23 @@ FCOS_VARIANTS = {
     "course +scales": {**COURSE_FCOS, "learnable_scales": True},
     "course +centerness-weighted box loss": {**COURSE_FCOS, "centerness_weighted_box_loss": True},
     "course +nonnegative deltas": {**COURSE_FCOS, "nonnegative_deltas": True},
-    "default +quality focal": {"quality_focal": True},
-    "default +ATSS": {"matching": "atss"},
-    "default +exp deltas": {"exp_deltas": True},
-    "default +ATSS +quality focal": {"matching": "atss", "quality_focal": True},
-    "default -nonnegative deltas": {"nonnegative_deltas": False},
-    "default -nonnegative deltas +centerness weights": {
+    "previous": PREVIOUS_FCOS,
+    "previous +fine p3": {**PREVIOUS_FCOS, "fine_p3": True},
+    "previous +object balance 0.5": {**PREVIOUS_FCOS, "object_balance": 0.5},
+    "previous +object balance 1": {**PREVIOUS_FCOS, "object_balance": 1.0},
+    "default +object balance 1": {"object_balance": 1.0},
+    "previous +quality focal": {**PREVIOUS_FCOS, "quality_focal": True},
+    "previous +ATSS": {**PREVIOUS_FCOS, "matching": "atss"},
+    "previous +exp deltas": {**PREVIOUS_FCOS, "exp_deltas": True},
+    "previous +ATSS +quality focal": {**PREVIOUS_FCOS, "matching": "atss", "quality_focal": True},
+    "previous -nonnegative deltas": {**PREVIOUS_FCOS, "nonnegative_deltas": False},
+    "previous -nonnegative deltas +centerness weights": {
+        **PREVIOUS_FCOS,
         "nonnegative_deltas": False,
         "centerness_weighted_box_loss": True,
     },
+    "default +p2": {"fpn_levels": P2_LEVELS},
+    "torchvision +p2": {},  # torchvision's FCOS on p2-p5 (built in ``build``), to compare like with like
 }
 COURSE_HEAD = {**COURSE_FASTER_RCNN, "fc_channels": ()}
 # None instead of RPN options: FCOSProposalNetwork with its defaults as the first stage.
@@ -165,8 +181,9 @@ def build(detector: str, variant: str, settings: Settings) -> nn.Module:
     _configure_tv_builders(settings)
     C, stem = settings.fpn_channels, list(settings.stem)
     if detector == "fcos":
-        if variant == "torchvision":
-            return TorchvisionAdapter(tv_builders.build_torchvision_fcos(), background_first=False)
+        if variant.startswith("torchvision"):
+            levels = P2_LEVELS if variant == "torchvision +p2" else FPN_LEVELS
+            return TorchvisionAdapter(tv_builders.build_torchvision_fcos(levels), background_first=False)
         return FCOS(NUM_CLASSES, C, stem, pretrained=False, **FCOS_VARIANTS[variant])
     if variant == "torchvision":
         return TorchvisionAdapter(tv_builders.build_torchvision_faster_rcnn(), background_first=True)
@@ -261,7 +278,10 @@ def check_same_start(variants: Dict[str, List[str]], settings: Settings) -> None
             torch.manual_seed(0)
             weights = backbone_of(build(detector, variant, settings)).state_dict()
             first = first or weights
-            if weights.keys() != first.keys() or any(not torch.equal(weights[k], first[k]) for k in weights):
+            shared = weights.keys() & first.keys()  # a p2 level only adds weights, drawn after the others
+            if not (first.keys() <= weights.keys() or weights.keys() <= first.keys()) or any(
+                not torch.equal(weights[k], first[k]) for k in shared
+            ):
                 raise RuntimeError(f"{detector} {variant} does not start from the same backbone as the others")
 
 

@@ -6,7 +6,8 @@ heads with 2-conv stems of 64 channels; for Faster R-CNN 3 anchors per location 
 16 anchors sampled per image in the RPN, 400 / 80 proposals before / after NMS and 32 RoIs per
 image. torchvision's detectors get the same numbers through their constructor arguments; their
 own resizing is pinned to 224 and their normalisation switched off (the images are normalised
-already). Their FCOS head has GroupNorm after each stem conv, ours none; everything else is alike.
+already). Both FCOS heads have GroupNorm after each stem conv; ours, with its defaults, also has a
+learnable scale per level and feeds c2 into p3 (``fine_p3``, one more conv); everything else is alike.
 
 Rows:
   * a training step: forward, backward and an SGD update on one batch;
@@ -15,7 +16,8 @@ Rows:
     floor that no detector on this backbone can beat, in torchvision's NCHW layout and in the
     channels-last layout that our detectors use by default (``channels_last=True``);
   * with --torchvision-channels-last, torchvision's detectors converted to channels-last too, to
-    tell how much of the difference is the layout alone.
+    tell how much of the difference is the layout alone;
+  * with --p2, both FCOS with the FPN level of stride 4 as well (``FCOS(..., fpn_levels=...)``).
 The detectors take turns step by step, so that all see the same machine load; the table gives
 medians and ratios ours / torchvision. Peak memory is the peak of the CUDA allocator on a GPU;
 on the CPU it is how far the process's resident memory rises above its level before two steps
@@ -57,14 +59,15 @@ NUM_CLASSES, FPN_CHANNELS, IMAGE_SIZE, STEM = 20, 64, 224, [64, 64]
 # FCOS the FCOS paper's 0.05 score threshold with torchvision's 0.6 NMS and 1000 candidates per level).
 FCOS_SCORE, FCOS_NMS, RCNN_SCORE, RCNN_NMS, DETECTIONS = 0.05, 0.6, 0.05, 0.5, 100
 CHANNELS_LAST = " channels_last"  # a row whose model is converted to that memory layout
+P2 = " +p2"  # a row whose FCOS has the FPN level of stride 4
 
 
 class _OrderedFPN(nn.Module):
     """Our backbone as torchvision's detectors want it: an OrderedDict and ``out_channels``."""
 
-    def __init__(self):
+    def __init__(self, levels=("p3", "p4", "p5")):
         super().__init__()
-        self.body = DetectorBackboneWithFPN(FPN_CHANNELS, pretrained=False)
+        self.body = DetectorBackboneWithFPN(FPN_CHANNELS, pretrained=False, levels=levels)
         self.out_channels = FPN_CHANNELS
 
     def forward(self, images):
@@ -75,15 +78,26 @@ def _no_resize() -> dict:
     return dict(min_size=IMAGE_SIZE, max_size=IMAGE_SIZE, image_mean=[0.0] * 3, image_std=[1.0] * 3)
 
 
-def build_our_fcos() -> nn.Module:
-    return FCOS(NUM_CLASSES, FPN_CHANNELS, STEM, pretrained=False, topk_candidates=1000, max_detections=DETECTIONS)
-
-
-def build_torchvision_fcos() -> nn.Module:
-    return TorchvisionFCOS(
-        _OrderedFPN(),
+def build_our_fcos(levels=("p3", "p4", "p5")) -> nn.Module:
+    return FCOS(
         NUM_CLASSES,
-        anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3),  # one "anchor" = a location
+        FPN_CHANNELS,
+        STEM,
+        pretrained=False,
+        topk_candidates=1000,
+        max_detections=DETECTIONS,
+        fpn_levels=levels,
+    )
+
+
+def build_torchvision_fcos(levels=("p3", "p4", "p5")) -> nn.Module:
+    """torchvision's FCOS on our backbone with these FPN levels (its size ranges follow the strides)."""
+    backbone = _OrderedFPN(levels)
+    strides = tuple((stride,) for stride in backbone.body.fpn_strides.values())
+    return TorchvisionFCOS(
+        backbone,
+        NUM_CLASSES,
+        anchor_generator=AnchorGenerator(strides, ((1.0,),) * len(strides)),  # one "anchor" = a location
         head=FCOSHead(FPN_CHANNELS, 1, NUM_CLASSES, num_convs=len(STEM)),
         score_thresh=FCOS_SCORE,
         nms_thresh=FCOS_NMS,
@@ -175,6 +189,9 @@ def make_runners(names: List[str], batch_size: int, device: torch.device) -> Dic
         ),
         "Faster R-CNN torchvision": (build_torchvision_faster_rcnn, (image_list, rcnn_targets), lambda m, x: m([x])),
     }
+    for fcos in ("FCOS ours", "FCOS torchvision"):  # the same with the FPN level of stride 4 (--p2)
+        build, inputs, infer = specs[fcos]
+        specs[fcos + P2] = (lambda build=build: build(("p2", "p3", "p4", "p5")), inputs, infer)
     runners = {}
     for name in names:
         torch.manual_seed(0)
@@ -283,6 +300,7 @@ def main():
         action="store_true",
         help="also time torchvision's detectors with the backbone and heads in channels-last layout",
     )
+    parser.add_argument("--p2", action="store_true", help="also time both FCOS with the FPN level of stride 4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -291,6 +309,8 @@ def main():
     names += ["FCOS ours", "FCOS torchvision", "Faster R-CNN ours", "Faster R-CNN torchvision"]
     if args.torchvision_channels_last:
         names += ["FCOS torchvision" + CHANNELS_LAST, "Faster R-CNN torchvision" + CHANNELS_LAST]
+    if args.p2:
+        names += ["FCOS ours" + P2, "FCOS torchvision" + P2]
     runners = make_runners(names, args.batch_size, device)
     train, infer = time_interleaved(runners, args.steps, args.warmup, device)
     memory = {} if args.no_memory else memory_in_fresh_processes(names, args.batch_size, args.device, args.threads)
