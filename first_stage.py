@@ -317,7 +317,7 @@ def init_from_fcos(detector: nn.Module, fcos_state_dict: Mapping[str, torch.Tens
         raise ValueError(
             f"{len(wrong)} FCOS tensors do not fit this {type(detector).__name__} (e.g. {wrong[:3]}); "
             "build it with the FCOS's FPN and stem channels, head options (group_norm, learnable_scales) and "
-            "backbone (fine_p3: DetectorBackboneWithFPN(..., fine_p3=True)); detect.py does this itself."
+            "backbone (DetectorBackboneWithFPN's fine_p3; detect.py: the same --variant as the FCOS run)."
         )
     with torch.no_grad():
         for name, value in source.items():
