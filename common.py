@@ -42,8 +42,10 @@ from torchvision.models import feature_extraction
 TensorDict = Dict[str, torch.Tensor]
 
 FPN_STRIDES = {"p3": 8, "p4": 16, "p5": 32}  # the course's levels, every detector's default
-# Every level the backbone can build; a detector uses a run of consecutive ones.
+# Every level the backbone can build, and the two sets of levels a detector can use.
 ALL_FPN_STRIDES = {"p2": 4, **FPN_STRIDES}
+FPN_LEVELS = tuple(FPN_STRIDES)  # ("p3", "p4", "p5")
+P2_LEVELS = tuple(ALL_FPN_STRIDES)  # ("p2", "p3", "p4", "p5")
 
 BACKGROUND = -1.0  # every value of the matched row of a background location, anchor or proposal
 NEUTRAL = -1e8  # every value of the matched row of an anchor that R-CNN matching ignores
@@ -136,7 +138,7 @@ class DetectorBackboneWithFPN(nn.Module):
         self,
         out_channels: int,
         pretrained: Union[bool, str, os.PathLike] = True,
-        levels: Sequence[str] = tuple(FPN_STRIDES),
+        levels: Sequence[str] = FPN_LEVELS,
         fine_p3: bool = False,
     ):
         super().__init__()
@@ -191,10 +193,9 @@ class DetectorBackboneWithFPN(nn.Module):
 
 
 def check_fpn_levels(levels: Sequence[str]) -> Tuple[str, ...]:
-    """``levels`` as a tuple if they are consecutive FPN levels ending with p5; else ``ValueError``."""
+    """``levels`` as a tuple if they are ``FPN_LEVELS`` or ``P2_LEVELS``; else ``ValueError``."""
     levels = tuple(levels)
-    names = list(ALL_FPN_STRIDES)
-    if not levels or levels != tuple(names[names.index(levels[0]) :] if levels[0] in names else ()):
+    if levels not in (FPN_LEVELS, P2_LEVELS):
         raise ValueError(f"FPN levels must be ('p3', 'p4', 'p5') or ('p2', 'p3', 'p4', 'p5'), got {levels!r}")
     return levels
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from torch import nn
 
 from augmentation import BatchAugmentation
-from common import ALL_FPN_STRIDES, DetectorBackboneWithFPN
+from common import P2_LEVELS, DetectorBackboneWithFPN
 from detection_data import PreprocessedCache, SyntheticDetection, VOC2007DetectionTiny
 from one_stage_detector import COURSE_FCOS, FCOS
 from training import read_checkpoint
@@ -26,7 +26,6 @@ from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, 
 # Faster R-CNN's first stage when none is named: FCOS's head proposes better boxes than the anchor RPN
 # (README, Accuracy); the course teaches the RPN.
 DEFAULT_FIRST_STAGE = {"improved": "fcos", "course": "rpn"}
-P2_LEVELS = tuple(ALL_FPN_STRIDES)  # ("p2", "p3", "p4", "p5")
 # RunConfig fields that are FCOS options, and FCOS's defaults for them.
 _FCOS_FIELDS = ("fine_p3", "object_balance")
 _FCOS_DEFAULTS = {name: inspect.signature(FCOS).parameters[name].default for name in _FCOS_FIELDS}

@@ -14,6 +14,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from common import (
     BACKGROUND,
+    FPN_LEVELS,
     FPN_STRIDES,
     NMS_THRESH,
     SCORE_THRESH,
@@ -651,7 +652,7 @@ class FCOS(nn.Module):
         channels_last: bool = True,
         fine_p3: bool = True,
         object_balance: float = 0.5,
-        fpn_levels: Sequence[str] = tuple(FPN_STRIDES),
+        fpn_levels: Sequence[str] = FPN_LEVELS,
     ):
         super().__init__()
         if box_loss not in ("l1", "giou"):

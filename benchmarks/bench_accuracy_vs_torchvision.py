@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_vs_torchvision as tv_builders  # noqa: E402
 
 from a4_helper import CROWDED_SCENE, SyntheticDetection, compute_map, evaluate_detector, train_detector  # noqa: E402
-from common import DetectorBackboneWithFPN, iou, nms  # noqa: E402
+from common import FPN_LEVELS, P2_LEVELS, DetectorBackboneWithFPN, iou, nms  # noqa: E402
 from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
 from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, FCOSProposalNetwork  # noqa: E402
 
@@ -82,7 +82,6 @@ class Settings:
 
 
 NUM_CLASSES = SyntheticDetection().num_classes
-FPN_LEVELS, P2_LEVELS = ("p3", "p4", "p5"), ("p2", "p3", "p4", "p5")
 
 # Our detectors' variants: keyword arguments of FCOS, and of RPN and FasterRCNN.
 # The default before fine_p3 and object_balance (README: the earlier ablation rows were measured on it).

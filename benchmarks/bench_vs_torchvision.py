@@ -50,7 +50,7 @@ from torchvision.ops import MultiScaleRoIAlign
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from a4_helper import SyntheticDetection  # noqa: E402
-from common import DetectorBackboneWithFPN  # noqa: E402
+from common import FPN_LEVELS, P2_LEVELS, DetectorBackboneWithFPN  # noqa: E402
 from one_stage_detector import FCOS  # noqa: E402
 from two_stage_detector import RPN, FasterRCNN  # noqa: E402
 
@@ -65,7 +65,7 @@ P2 = " +p2"  # a row whose FCOS has the FPN level of stride 4
 class _OrderedFPN(nn.Module):
     """Our backbone as torchvision's detectors want it: an OrderedDict and ``out_channels``."""
 
-    def __init__(self, levels=("p3", "p4", "p5")):
+    def __init__(self, levels=FPN_LEVELS):
         super().__init__()
         self.body = DetectorBackboneWithFPN(FPN_CHANNELS, pretrained=False, levels=levels)
         self.out_channels = FPN_CHANNELS
@@ -78,7 +78,7 @@ def _no_resize() -> dict:
     return dict(min_size=IMAGE_SIZE, max_size=IMAGE_SIZE, image_mean=[0.0] * 3, image_std=[1.0] * 3)
 
 
-def build_our_fcos(levels=("p3", "p4", "p5")) -> nn.Module:
+def build_our_fcos(levels=FPN_LEVELS) -> nn.Module:
     return FCOS(
         NUM_CLASSES,
         FPN_CHANNELS,
@@ -90,7 +90,7 @@ def build_our_fcos(levels=("p3", "p4", "p5")) -> nn.Module:
     )
 
 
-def build_torchvision_fcos(levels=("p3", "p4", "p5")) -> nn.Module:
+def build_torchvision_fcos(levels=FPN_LEVELS) -> nn.Module:
     """torchvision's FCOS on our backbone with these FPN levels (its size ranges follow the strides)."""
     backbone = _OrderedFPN(levels)
     strides = tuple((stride,) for stride in backbone.body.fpn_strides.values())
@@ -191,7 +191,7 @@ def make_runners(names: List[str], batch_size: int, device: torch.device) -> Dic
     }
     for fcos in ("FCOS ours", "FCOS torchvision"):  # the same with the FPN level of stride 4 (--p2)
         build, inputs, infer = specs[fcos]
-        specs[fcos + P2] = (lambda build=build: build(("p2", "p3", "p4", "p5")), inputs, infer)
+        specs[fcos + P2] = (lambda build=build: build(P2_LEVELS), inputs, infer)
     runners = {}
     for name in names:
         torch.manual_seed(0)
