@@ -58,3 +58,10 @@ def write_voc_annotation(path, size, objects):
         for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), (x1, y1, x2, y2)):
             ElementTree.SubElement(box, tag).text = str(value)
     ElementTree.ElementTree(root).write(path)
+
+
+def close_figure(figure):
+    """Close a matplotlib figure a test drew, so that figures do not pile up over the test run."""
+    from matplotlib import pyplot
+
+    pyplot.close(figure)

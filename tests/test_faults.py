@@ -3,12 +3,12 @@
 Rows held by tests in other files:
 - class labels outside 0..K-1: test_one_stage_detector.py::test_bad_class_label_raises_value_error,
   test_two_stage_detector.py::test_faster_rcnn_rejects_labels_outside_0_to_K_minus_1 (the loader: here);
-- a NaN loss: test_a4_helper.py::test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint;
-- a crash mid-training: test_a4_helper.py::test_resume_ends_with_the_weights_of_an_uninterrupted_run
+- a NaN loss: test_training.py::test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint;
+- a crash mid-training: test_training.py::test_resume_ends_with_the_weights_of_an_uninterrupted_run
   (the command line and a kill during a save: here);
-- a corrupt checkpoint: test_a4_helper.py::test_corrupt_checkpoint_is_reported_by_name_and_left_untouched;
-- a corrupt image: test_a4_helper.py::test_voc_corrupt_image_error_names_the_file;
-- no data set: test_a4_helper.py::test_voc_without_data_names_the_folder_and_how_to_download;
+- a corrupt checkpoint: test_training.py::test_corrupt_checkpoint_is_reported_by_name_and_left_untouched;
+- a corrupt image: test_detection_data.py::test_voc_corrupt_image_error_names_the_file;
+- no data set: test_detection_data.py::test_voc_without_data_names_the_folder_and_how_to_download;
 - no weights offline: test_common.py::test_backbone_offline_imagenet_weights_error_names_cache_and_alternatives,
   test_common.py::test_backbone_missing_weights_file_names_the_path;
 - wrong command-line arguments: test_detect.py::test_wrong_arguments_exit_with_usage_and_write_nothing.

@@ -1,0 +1,299 @@
+"""Tests of detection_data: image normalisation, VOC 2007 read from a small data set in the official layout
+(resize, centre crop, boxes moved, clipped and dropped, difficult flags, errors, download), the uint8 image cache
+and the synthetic shapes.
+
+Hand-computed values carry their arithmetic in a comment.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_voc_annotation
+from PIL import Image
+from torch.testing import assert_close
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+
+import detection_data
+from detection_data import (
+    SYNTHETIC_CLASSES,
+    PreprocessedCache,
+    SyntheticDetection,
+    VOC2007DetectionTiny,
+    denormalize_image,
+    load_image,
+    normalize_image,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Image normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_normalize_then_denormalize_gives_back_the_pixels():
+    pixels = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    back = denormalize_image(normalize_image(pixels))
+    assert back.shape == (5, 7, 3) and back.dtype == np.uint8
+    np.testing.assert_array_equal(back, pixels.permute(1, 2, 0).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC 2007 on a small data set written in the official layout
+# ---------------------------------------------------------------------------------------------
+
+# (name, xmin, ymin, xmax, ymax, difficult) in VOC's 1-based inclusive pixels.
+_VOC_FIXTURE = {
+    # 300 wide x 200 high: left half red, right half blue.
+    "000001": (
+        (300, 200),
+        [
+            ("dog", 11, 21, 110, 120, 0),
+            ("cat", 291, 51, 300, 100, 0),
+            ("person", 101, 101, 200, 180, 1),
+            ("bird", 1, 1, 60, 30, 0),
+            ("boat", 1, 151, 50.8, 170, 0),
+        ],
+    ),
+    "000002": ((150, 333), [("car", 31, 201, 120, 300, 0)]),  # portrait, odd height
+    "000003": ((193, 257), []),  # no objects at all
+    # VOC's most common size: its long side 500 * 224 / 375 = 298.67 rounds to 299 (v2.Resize would truncate
+    # to 298) and the crop offset (299 - 224) / 2 = 37.5 is floored to 37 (v2.CenterCrop would round to 38).
+    "000004": (
+        (500, 375),
+        [("horse", 1, 1, 500, 375, 0), ("sheep", 40, 300, 80, 370, 1), ("train", 480, 10, 500, 200, 0)],
+    ),
+}
+_VOC_SPLIT_FILES = {
+    "train": ["000001", "000002"],
+    "val": ["000003"],
+    "trainval": ["000001", "000002", "000003"],
+    "test": ["000001", "000002", "000003", "000004"],
+}
+
+
+def _write_voc_fixture(dataset_dir, splits=_VOC_SPLIT_FILES):
+    voc = os.path.join(dataset_dir, "VOCdevkit", "VOC2007")
+    for folder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(voc, folder), exist_ok=True)
+    for image_id, ((width, height), objects) in _VOC_FIXTURE.items():
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[:, : width // 2, 0] = 255
+        pixels[:, width // 2 :, 2] = 255
+        Image.fromarray(pixels).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=95)
+        write_voc_annotation(os.path.join(voc, "Annotations", f"{image_id}.xml"), (width, height), objects)
+    for split, ids in splits.items():
+        with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as file:
+            file.write("".join(i + "\n" for i in ids))
+    return voc
+
+
+@pytest.fixture(scope="module")
+def voc_dir(tmp_path_factory):
+    dataset_dir = tmp_path_factory.mktemp("voc")
+    _write_voc_fixture(dataset_dir)
+    return dataset_dir
+
+
+def test_voc_classes_are_the_20_names_in_alphabetical_order(voc_dir):
+    dataset = VOC2007DetectionTiny(voc_dir, "train")
+    names = [dataset.idx_to_class[i] for i in range(20)]
+    assert names == sorted(names) and names[0] == "aeroplane" and names[19] == "tvmonitor"
+    assert dataset.class_to_idx["dog"] == 11 and len(dataset) == 2
+
+
+def test_voc_landscape_image_boxes_resized_cropped_clipped_and_dropped(voc_dir):
+    path, image, gt_boxes = VOC2007DetectionTiny(voc_dir, "train")[0]
+    assert path.endswith(os.path.join("JPEGImages", "000001.jpg"))
+    assert image.shape == (3, 224, 224) and image.dtype == torch.float32 and gt_boxes.shape == (40, 5)
+    # 300x200 -> short side 224: scale 224/200 = 1.12, resized 336x224, crop left (336-224)//2 = 56.
+    # dog (11,21,110,120) -> continuous (10,20,110,120) -> x: 10*1.12-56 = -44.8 -> 0, 110*1.12-56 = 67.2;
+    #   y: 20*1.12 = 22.4, 120*1.12 = 134.4.
+    # cat (290..300 continuous) -> x 268.8..280 -> clipped to 224..224: cropped away.
+    # person is difficult: dropped.
+    # bird (0,0,60,30) -> x -56 -> 0, 60*1.12-56 = 11.2; y 0, 33.6.
+    # boat (0,150,50.8,170) -> x2 = 50.8*1.12-56 = 0.896: narrower than 1 pixel, dropped.
+    expected = torch.tensor([[0.0, 22.4, 67.2, 134.4, 11], [0.0, 0.0, 11.2, 33.6, 2]])
+    assert_close(gt_boxes[:2], expected, rtol=0, atol=1e-4)
+    assert (gt_boxes[2:] == -1).all()
+
+
+def test_voc_portrait_image_box_arithmetic(voc_dir):
+    _, _, gt_boxes = VOC2007DetectionTiny(voc_dir, "train")[1]
+    # 150x333 -> scale_x 224/150; height round(333*224/150) = round(497.28) = 497, so scale_y = 497/333;
+    # crop top (497-224)//2 = 136. car (30,200,120,300) -> x 44.8, 179.2;
+    # y 200*497/333-136 = 162.4985, 300*497/333-136 = 311.75 -> 224.
+    expected = torch.tensor([[30 * 224 / 150, 200 * 497 / 333 - 136, 120 * 224 / 150, 224.0, 6]])
+    assert_close(gt_boxes[:1], expected, rtol=0, atol=1e-4)
+    assert (gt_boxes[1:] == -1).all()
+
+
+def test_voc_pixels_move_like_the_boxes(voc_dir):
+    _, image, _ = VOC2007DetectionTiny(voc_dir, "train")[0]
+    # The red/blue edge at x = 150 moves to 150*1.12 - 56 = 112 after resize and crop.
+    rgb = denormalize_image(image).astype(int)
+    assert rgb[100, 100, 0] > 200 and rgb[100, 100, 2] < 50
+    assert rgb[100, 124, 2] > 200 and rgb[100, 124, 0] < 50
+
+
+def _items_as_before_transforms_v2(voc_dir, image_id, image_size, keep_difficult):
+    """A frozen copy of the data set's arithmetic before it moved to ``transforms.v2``: the long side
+    rounded, the crop offset floored, boxes scaled by the exact side ratios, shifted, clipped to [0, S]
+    and dropped under 1 pixel. Returns (image (3, S, S) normalised, gt rows (N, 5), difficult (N,))."""
+    S, ((W, H), objects) = image_size, _VOC_FIXTURE[image_id]
+    path = os.path.join(voc_dir, "VOCdevkit", "VOC2007", "JPEGImages", f"{image_id}.jpg")
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    new_w, new_h = max(S, round(W * S / min(W, H))), max(S, round(H * S / min(W, H)))
+    left, top = (new_w - S) // 2, (new_h - S) // 2
+    image = TF.resize(pixels, [new_h, new_w], antialias=True)[:, top : top + S, left : left + S]
+    rows, flags = [], []
+    for name, x1, y1, x2, y2, difficult in objects:
+        x1, x2 = (min(max(x * new_w / W - left, 0), S) for x in (x1 - 1, x2))
+        y1, y2 = (min(max(y * new_h / H - top, 0), S) for y in (y1 - 1, y2))
+        if x2 - x1 >= 1 and y2 - y1 >= 1 and (keep_difficult or not difficult):
+            rows.append([x1, y1, x2, y2, detection_data.VOC_CLASSES.index(name)])
+            flags.append(bool(difficult))
+    return normalize_image(image), torch.tensor(rows).reshape(-1, 5), torch.tensor(flags, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("keep_difficult", [False, True], ids=["training", "evaluation"])
+@pytest.mark.parametrize("image_size", [224, 96])
+def test_voc_items_through_transforms_v2_are_the_items_of_before(voc_dir, image_size, keep_difficult):
+    dataset = VOC2007DetectionTiny(voc_dir, "test", image_size=image_size, return_difficult=keep_difficult)
+    for index, image_id in enumerate(_VOC_SPLIT_FILES["test"]):
+        image, rows, flags = _items_as_before_transforms_v2(voc_dir, image_id, image_size, keep_difficult)
+        item = dataset[index]
+        assert_close(item[1], image, rtol=0, atol=1e-4)
+        assert_close(item[2][: len(rows)], rows, rtol=0, atol=1e-3)
+        assert (item[2][len(rows) :] == -1).all()
+        if keep_difficult:
+            assert torch.equal(item[3][: len(rows)], flags) and not item[3][len(rows) :].any()
+
+
+def test_voc_transform_is_a_v2_pipeline_that_load_image_shares(voc_dir):
+    dataset = VOC2007DetectionTiny(voc_dir, "test")
+    names = [type(step).__name__ for step in dataset.transform.transforms]
+    assert names == ["ResizeShortSideCenterCrop", "ClampBoundingBoxes", "SanitizeBoundingBoxes"]
+    assert_close(load_image(dataset.image_paths[3]), dataset[3][1], rtol=0, atol=0)
+    assert not hasattr(detection_data, "_resize_center_crop") and not hasattr(detection_data, "_crop_boxes")
+
+
+def test_voc_image_without_objects_is_all_padding(voc_dir):
+    _, image, gt_boxes = VOC2007DetectionTiny(voc_dir, "val")[0]
+    assert image.shape == (3, 224, 224) and (gt_boxes == -1).all()
+
+
+def test_voc_return_difficult_keeps_difficult_objects_flagged(voc_dir):
+    path, image, gt_boxes, difficult = VOC2007DetectionTiny(voc_dir, "train", return_difficult=True)[0]
+    # person (100,100,200,180) -> x 100*1.12-56 = 56, 200*1.12-56 = 168; y 112, 201.6
+    assert_close(gt_boxes[1], torch.tensor([56.0, 112.0, 168.0, 201.6, 14]), rtol=0, atol=1e-4)
+    assert difficult.dtype == torch.bool and difficult.shape == (40,)
+    assert difficult[:3].tolist() == [False, True, False] and not difficult[3:].any()
+    assert (gt_boxes[3:] == -1).all()
+
+
+def test_image_cache_without_difficult_flags_is_rebuilt_for_a_source_with_them(voc_dir, tmp_path):
+    path = tmp_path / "train.pt"
+    PreprocessedCache(VOC2007DetectionTiny(voc_dir, "train", image_size=64), path, source_key="train")
+    flagged = VOC2007DetectionTiny(voc_dir, "train", image_size=64, return_difficult=True)
+    with pytest.warns(UserWarning, match="another data set"):  # same source_key, but items with flags
+        cache = PreprocessedCache(flagged, path, source_key="train")
+    _, _, gt_boxes, difficult = cache[0]
+    assert torch.equal(gt_boxes, flagged[0][2]) and torch.equal(difficult, flagged[0][3]) and difficult.any()
+
+
+def test_voc_batches_with_the_default_collate(voc_dir):
+    paths, images, gt_boxes = next(iter(DataLoader(VOC2007DetectionTiny(voc_dir, "trainval", image_size=96), 2)))
+    assert len(paths) == 2 and all(isinstance(p, str) for p in paths)
+    assert images.shape == (2, 3, 96, 96) and gt_boxes.shape == (2, 40, 5)
+
+
+def test_voc_without_data_names_the_folder_and_how_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        VOC2007DetectionTiny(tmp_path / "nowhere", "test")
+    assert str(tmp_path / "nowhere") in str(error.value) and "download=True" in str(error.value)
+    assert "VOCtest_06-Nov-2007.tar" in str(error.value)
+
+
+def test_voc_corrupt_image_error_names_the_file(tmp_path):
+    voc = _write_voc_fixture(tmp_path)
+    broken = os.path.join(voc, "JPEGImages", "000002.jpg")
+    with open(broken, "wb") as file:
+        file.write(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    dataset = VOC2007DetectionTiny(tmp_path, "train")
+    with pytest.raises(OSError, match="000002.jpg"):
+        dataset[1]
+
+
+def test_voc_download_fetches_the_checksummed_official_archive(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
+        calls.append((url, filename, md5))
+        _write_voc_fixture(download_root, {"test": ["000001", "000003"]})
+
+    monkeypatch.setattr("torchvision.datasets.voc.download_and_extract_archive", fake_download)
+    dataset = VOC2007DetectionTiny(tmp_path, "test", download=True)
+    assert len(dataset) == 2 and len(calls) == 1
+    url, filename, md5 = calls[0]
+    assert filename == "VOCtest_06-Nov-2007.tar" and url.endswith(filename)
+    assert md5 == "b6e924de25625d8de591ea690078ad9f"
+    VOC2007DetectionTiny(tmp_path, "test", download=True)  # present now: no second download
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_items_are_deterministic_and_splits_differ():
+    train = SyntheticDetection("train", num_images=4, image_size=64, seed=1)
+    again = SyntheticDetection("train", num_images=4, image_size=64, seed=1)
+    assert_close(train[2][1], again[2][1], rtol=0, atol=0)
+    assert_close(train[2][2], again[2][2], rtol=0, atol=0)
+    assert train[2][0] == "synthetic_train_000002"
+    val = SyntheticDetection("val", num_images=4, image_size=64, seed=1)
+    other_seed = SyntheticDetection("train", num_images=4, image_size=64, seed=2)
+    assert not torch.equal(train[2][1], val[2][1]) and not torch.equal(train[2][1], other_seed[2][1])
+    with pytest.raises(IndexError):
+        train[4]
+
+
+@pytest.mark.parametrize("image_size", [64, 224, 512])
+def test_synthetic_item_format(image_size):
+    dataset = SyntheticDetection("train", num_images=3, image_size=image_size)
+    assert dataset.num_classes == len(SYNTHETIC_CLASSES) == len(dataset.idx_to_class)
+    assert dataset.class_to_idx[dataset.idx_to_class[2]] == 2
+    for index in range(3):
+        _, image, gt_boxes = dataset[index]
+        assert image.shape == (3, image_size, image_size) and image.dtype == torch.float32
+        assert gt_boxes.shape == (40, 5) and gt_boxes.dtype == torch.float32
+        real = gt_boxes[:, 4] >= 0
+        assert 1 <= real.sum() <= 8 and (gt_boxes[~real] == -1).all()
+        boxes = gt_boxes[real]
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:4] <= image_size).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes[:, 4] < dataset.num_classes).all() and (boxes[:, 4] == boxes[:, 4].round()).all()
+
+
+def test_synthetic_boxes_are_tight_around_visible_pixels():
+    for seed in range(20):
+        _, gt_boxes, owner = detection_data._draw_scene(96, torch.Generator().manual_seed(seed))
+        extents = set()
+        for k in owner.unique()[1:].tolist():  # skip the background (-1)
+            ys, xs = torch.nonzero(owner == k, as_tuple=True)
+            extents.add((xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1))
+        for box in gt_boxes[:, :4].int().tolist():
+            assert tuple(box) in extents
+
+
+def test_synthetic_object_sizes_reach_every_fpn_level():
+    dataset = SyntheticDetection("train", num_images=40, image_size=224)
+    boxes = torch.cat([dataset[i][2] for i in range(40)])
+    boxes = boxes[boxes[:, 4] >= 0]
+    sides = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    # p3 wants objects below ~64 px, p5 above ~128 px (FCOS ranges on max(l, t, r, b)).
+    assert (sides < 20).any() and ((sides > 64) & (sides < 128)).any() and (sides > 140).any()
+    assert len(boxes[:, 4].unique()) == len(SYNTHETIC_CLASSES)
