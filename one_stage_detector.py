@@ -429,8 +429,8 @@ def fcos_object_balance_weights(matched_gt_boxes: torch.Tensor, gt_boxes: torch.
         (B, HW) weights; 0 at background locations.
     """
     foreground = matched_gt_boxes[..., 4] >= 0  # (B, HW)
-    if gt_boxes.shape[1] == 0:  # no rows, so no foreground either
-        return torch.zeros_like(matched_gt_boxes[..., 4])
+    if gt_boxes.shape[1] == 0:  # no rows: one padding row keeps the shapes (no early return: under DDP
+        gt_boxes = gt_boxes.new_full((gt_boxes.shape[0], 1, 5), BACKGROUND)  # every rank joins the all-reduce)
     # Which GT row each foreground location copies: compared on the four coordinates and the class. Equal
     # rows (a box annotated twice) count as one object; padding rows never equal a foreground match.
     same = (matched_gt_boxes[:, :, None, :] == gt_boxes[:, None, :, :]).all(dim=-1) & foreground[..., None]

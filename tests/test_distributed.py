@@ -9,6 +9,7 @@ The command-line test then reruns that training command with ``torchrun detect.p
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import detect
 import distributed
 from a4_helper import SyntheticDetection, reset_seed, train_detector
 from common import DetectorBackboneWithFPN
-from one_stage_detector import FCOS
+from one_stage_detector import FCOS, fcos_object_balance_weights
 from two_stage_detector import RPN, FasterRCNN, FCOSProposalNetwork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,12 +168,31 @@ def _resume_job(rank, out_dir):
     }
 
 
+def _object_balance_job(rank, out_dir):
+    """The object balance when rank 1's image has no ground-truth row at all (M = 0): the weights alone,
+    then an FCOS training forward (which computes them) on each rank. A rank that returned before the
+    weights' all-reduce would leave the other waiting in it for ever."""
+    a, b, bg = [0.0, 0, 8, 8, 0], [0.0, 0, 40, 40, 1], [-1.0] * 5
+    if rank == 0:
+        matched, gt = torch.tensor([[a, b, b, b, b, bg, bg]]), torch.tensor([[a, b]])
+    else:
+        matched, gt = torch.tensor([[bg] * 7]), torch.zeros(1, 0, 5)
+    weights = fcos_object_balance_weights(matched, gt, 0.5)
+    detector = _tiny_fcos()
+    assert detector.object_balance > 0
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(rank))
+    gt_boxes = torch.tensor([[[8.0, 8, 40, 40, 1]]]) if rank == 0 else torch.zeros(1, 0, 5)
+    losses = detector(images, gt_boxes)
+    return {"weights": weights, "losses": {name: value.item() for name, value in losses.items()}}
+
+
 _JOBS = {
     "batchnorm": _batchnorm_job,
     "fcos": _fcos_job,
     "faster_rcnn_rpn": lambda rank, out_dir: _faster_rcnn_job(rank, out_dir, "rpn", wrap=False),
     "faster_rcnn_fcos": lambda rank, out_dir: _faster_rcnn_job(rank, out_dir, "fcos", wrap=True),
     "resume": _resume_job,
+    "object_balance": _object_balance_job,
 }
 
 
@@ -351,6 +371,16 @@ def test_two_ranks_train_fcos_like_one_process_with_the_global_batch(two_ranks):
     assert checkpoint["iteration"] == 2 and len(checkpoint["rank_states"]) == WORLD_SIZE
     assert list(checkpoint["model"]) == list(single.state_dict())  # no "module." prefix
     _assert_same_state(checkpoint["model"], rank0["state"], rtol=0, atol=0)
+
+
+def test_object_balance_with_no_ground_truth_rows_on_one_rank(two_ranks):
+    rank0, rank1 = (r["object_balance"] for r in two_ranks.results)
+    # Over both ranks: object a has 1 location (raw weight 1), b has 4 (raw 1/2 each), rank 1 none. The 5
+    # foreground locations have raw weights adding up to 3, so the scale is 5/3: a 5/3, b 5/6 each.
+    assert_close(rank0["weights"], torch.tensor([[5 / 3, 5 / 6, 5 / 6, 5 / 6, 5 / 6, 0, 0]]))
+    assert rank1["weights"].shape == (1, 7) and (rank1["weights"] == 0).all()
+    assert all(math.isfinite(value) for value in [*rank0["losses"].values(), *rank1["losses"].values()])
+    assert rank0["losses"]["loss_box"] > 0 and rank1["losses"]["loss_box"] == 0 and rank1["losses"]["loss_cls"] > 0
 
 
 def test_a_detector_wrapped_by_the_caller_trains_and_saves_plain_weights(two_ranks):
