@@ -66,6 +66,9 @@ _TRUNK_CHANNELS = {"c2": 32, "c3": 64, "c4": 160, "c5": 400}
 # two differ little).
 SCORE_THRESH = 0.05
 NMS_THRESH = 0.5
+# The score threshold of pictures (the command line's, the notebooks' and the photos'): a picture shows
+# the boxes a person would act on, not the low-confidence tail that the mAP counts.
+PICTURE_SCORE_THRESH = 0.3
 
 # Boxes that NMS settles together; 256 keeps each IoU block small and the Python loop short.
 _NMS_BLOCK = 256
@@ -138,6 +141,7 @@ class DetectorBackboneWithFPN(nn.Module):
         self,
         out_channels: int,
         pretrained: Union[bool, str, os.PathLike] = True,
+        *,
         levels: Sequence[str] = FPN_LEVELS,
         fine_p3: bool = False,
     ):
@@ -160,6 +164,19 @@ class DetectorBackboneWithFPN(nn.Module):
             self.fpn_params["c2_to_p3"] = nn.Conv2d(_TRUNK_CHANNELS["c2"], out_channels, 3, stride=2, padding=1)
         if "p2" in self.levels:
             self._add_level("p2", "c2")
+
+    @staticmethod
+    def options_of(state_dict: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> Dict[str, object]:
+        """The ``levels`` and ``fine_p3`` of the backbone whose weights ``state_dict`` holds (under
+        ``prefix``, as a detector's ``state_dict()`` has them), to build one that the weights fit.
+
+        Args:
+            state_dict: a detector's (or, with ``prefix=""``, a backbone's) state dict.
+        Returns:
+            ``{"levels": (...), "fine_p3": bool}``.
+        """
+        has = lambda name: f"{prefix}fpn_params.{name}.weight" in state_dict  # noqa: E731
+        return {"levels": P2_LEVELS if has("lateral_p2") else FPN_LEVELS, "fine_p3": has("c2_to_p3")}
 
     def _add_level(self, level: str, c_name: str) -> None:
         self.fpn_params[f"lateral_{level}"] = nn.Conv2d(_TRUNK_CHANNELS[c_name], self.out_channels, 1)

@@ -32,10 +32,11 @@ from torch import nn
 import a4_helper
 import distributed
 import photos
-from common import NMS_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
+from common import NMS_THRESH, PICTURE_SCORE_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
 from experiment import (  # noqa: F401  (build_detector, load_detector, make_dataset: also detect.X, as before)
     CACHED_BY_DEFAULT,
     RECIPES,
+    RetiredOptionError,
     RunConfig,
     build_detector,
     load_detector,
@@ -173,6 +174,8 @@ def _load_checkpoint_arg(path: str, flag: str, load=None):
     path = _checkpoint_file(path, flag)
     try:
         return (load or load_detector)(path)
+    except RetiredOptionError as error:
+        raise CommandError(f"{path}: {error}") from error
     except (RuntimeError, ValueError, KeyError) as error:
         raise CommandError(
             f"{path} is not a checkpoint written by 'detect.py train' ({_reason(error, path)}); "
@@ -270,7 +273,7 @@ def _save_prediction_picture(detector, dataset, device, args, path: str, count: 
     detector.eval()
     with torch.inference_mode():
         predictions = detector.predict(
-            a4_helper.prepare_images(images, device), score_thresh=0.2, nms_thresh=args.nms_thresh
+            a4_helper.prepare_images(images, device), score_thresh=PICTURE_SCORE_THRESH, nms_thresh=args.nms_thresh
         )
     predictions = [{key: value[:8] for key, value in p.items()} for p in predictions]  # the 8 most confident
     figure, axes = plt.subplots(2, (len(images) + 1) // 2, figsize=(4 * ((len(images) + 1) // 2), 8), squeeze=False)
@@ -411,8 +414,8 @@ def _train(args, device: torch.device) -> Dict[str, Any]:
     classes = train_set.idx_to_class
     config = dataclasses.replace(config, num_classes=len(classes), idx_to_class=dict(classes))
     init_state = _read_init_state(args)
-    if init_state is not None:  # the backbone as the FCOS built it (fine_p3 adds a conv)
-        config = dataclasses.replace(config, fine_p3="backbone.fpn_params.c2_to_p3.weight" in init_state)
+    if init_state is not None:  # the backbone as the FCOS built it
+        config = dataclasses.replace(config, fine_p3=DetectorBackboneWithFPN.options_of(init_state)["fine_p3"])
     checkpoint_path = os.path.join(args.out, CHECKPOINT_NAME)
     _check_resumable(checkpoint_path, config)
     detector = _build_for_training(args, config, pretrained, init_state)
@@ -579,7 +582,7 @@ def _add_train_command(commands) -> None:
         "--variant",
         choices=["improved", "course"],
         default="improved",
-        help="improved: the detectors' defaults, which learn best (README, Accuracy); course: the course's "
+        help="improved: the detectors' defaults, which learn best (docs/accuracy.md); course: the course's "
         "original rules (default: improved)",
     )
     train.add_argument("--data", choices=sorted(RECIPES), default="synthetic", help="data set (default: synthetic)")
@@ -600,7 +603,7 @@ def _add_train_command(commands) -> None:
     train.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
-        help="random flips, scale jitter and colour changes of the training batches (README, Augmentation; "
+        help="random flips, scale jitter and colour changes of the training batches (docs/data.md, Augmentation; "
         "recipe default)",
     )
     train.add_argument(
@@ -608,7 +611,7 @@ def _add_train_command(commands) -> None:
         action="store_true",
         default=None,
         help="fcos: add the FPN level of stride 4, which finds small objects far better and doubles the "
-        "compute (README, Accuracy)",
+        "compute (docs/accuracy.md)",
     )
     train.add_argument(
         "--weights",
@@ -665,7 +668,7 @@ def _add_predict_command(commands) -> None:
         "--max-size", type=positive_int, help="largest long side at the network's input (default: twice --size)"
     )
     _add_common_options(predict)
-    predict.set_defaults(func=cmd_predict, score_thresh=0.3)
+    predict.set_defaults(func=cmd_predict, score_thresh=PICTURE_SCORE_THRESH)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,16 +19,33 @@ from torch import nn
 from augmentation import BatchAugmentation
 from common import P2_LEVELS, DetectorBackboneWithFPN
 from detection_data import PreprocessedCache, SyntheticDetection, VOC2007DetectionTiny
-from one_stage_detector import COURSE_FCOS, FCOS
+from one_stage_detector import course_fcos, course_fcos_parts, improved_fcos
 from training import read_checkpoint
 from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, FCOSProposalNetwork
 
 # Faster R-CNN's first stage when none is named: FCOS's head proposes better boxes than the anchor RPN
-# (README, Accuracy); the course teaches the RPN.
+# (docs/accuracy.md); the course teaches the RPN.
 DEFAULT_FIRST_STAGE = {"improved": "fcos", "course": "rpn"}
-# RunConfig fields that are FCOS options, and FCOS's defaults for them.
+# Each variant's FCOS builder; the RunConfig fields that are options of both, and each builder's defaults.
+FCOS_BUILDERS = {"improved": improved_fcos, "course": course_fcos}
 _FCOS_FIELDS = ("fine_p3", "object_balance")
-_FCOS_DEFAULTS = {name: inspect.signature(FCOS).parameters[name].default for name in _FCOS_FIELDS}
+_FCOS_DEFAULTS = {
+    variant: {name: inspect.signature(builder).parameters[name].default for name in _FCOS_FIELDS}
+    for variant, builder in FCOS_BUILDERS.items()
+}
+# FCOS options that measured no better and were removed (docs/accuracy.md), with the value that meant
+# "off" and the last commit whose library trains them. A stored configuration that turns one on is refused.
+RETIRED_FCOS_OPTIONS = {
+    "exp_deltas": False,
+    "quality_focal": False,
+    "centerness_weighted_box_loss": False,
+    "matching": "fcos",
+}
+RETIRED_AT = "3e0958e"
+
+
+class RetiredOptionError(ValueError):
+    """A stored configuration turns on an FCOS option that the library no longer has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +54,13 @@ class RunConfig:
 
     ``variant`` is ``"improved"`` (the constructors' defaults: what learned best on
     ``benchmarks/bench_accuracy_vs_torchvision.py``) or ``"course"`` (the course's original rules,
-    ``COURSE_FCOS``, ``COURSE_RPN``, ``COURSE_FASTER_RCNN``). ``first_stage`` (Faster R-CNN only) is
+    ``course_fcos``, ``COURSE_RPN``, ``COURSE_FASTER_RCNN``). ``first_stage`` (Faster R-CNN only) is
     ``"rpn"`` or ``"fcos"``; ``None`` means the variant's default (``DEFAULT_FIRST_STAGE``).
     ``train_images`` / ``eval_images`` size the synthetic set (VOC uses its whole splits).
     ``augment`` trains with ``augmentation.BatchAugmentation``'s defaults (``make_augmentation``).
-    ``p2`` (FCOS only) adds the FPN level of stride 4 (``FCOS``'s ``fpn_levels``): better on small
-    objects, about twice the compute (README, Accuracy). ``fine_p3`` and ``object_balance`` are
-    ``FCOS``'s options of those names; ``None`` means the variant's value, and a checkpoint stores
+    ``p2`` (FCOS only) adds the FPN level of stride 4 (``improved_fcos``'s ``fpn_levels``): better on small
+    objects, about twice the compute (docs/accuracy.md). ``fine_p3`` and ``object_balance`` are the FCOS
+    builders' options of those names; ``None`` means the variant's value, and a checkpoint stores
     the value it was built with, so that it keeps its meaning when the defaults move on (a stored FCOS
     configuration without them predates them: off). Faster R-CNN's backbone has ``fine_p3`` only when
     it starts from an FCOS that has it (``detect.py train --init-from``).
@@ -78,11 +95,10 @@ class RunConfig:
         return self.first_stage or DEFAULT_FIRST_STAGE[self.variant]
 
     def fcos_options(self) -> Dict[str, Any]:
-        """``FCOS``'s keyword arguments for this run (the variant's, then this run's own fields)."""
+        """The keyword arguments of the variant's FCOS builder (``FCOS_BUILDERS``) that this run sets."""
         if self.model != "fcos":
             return {}
-        options = dict(COURSE_FCOS) if self.variant == "course" else {}
-        options.update({name: getattr(self, name) for name in _FCOS_FIELDS if getattr(self, name) is not None})
+        options = {name: getattr(self, name) for name in _FCOS_FIELDS if getattr(self, name) is not None}
         if self.p2:
             options["fpn_levels"] = P2_LEVELS
         return options
@@ -93,7 +109,7 @@ class RunConfig:
         values = {"first_stage": self.resolved_first_stage}
         if self.model == "fcos":
             options = self.fcos_options()
-            values.update({name: options.get(name, _FCOS_DEFAULTS[name]) for name in _FCOS_FIELDS})
+            values.update({name: options.get(name, _FCOS_DEFAULTS[self.variant][name]) for name in _FCOS_FIELDS})
         return dataclasses.replace(self, **values)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -109,7 +125,14 @@ class RunConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "RunConfig":
         """A stored configuration, also one written before this type existed: without ``variant``
         it holds a course detector, a Faster R-CNN without ``first_stage`` has the RPN, and class
-        indices that JSON turned into strings become integers again. Unknown keys are ignored."""
+        indices that JSON turned into strings become integers again. Unknown keys are ignored, but one that
+        turns on a retired FCOS option (``RETIRED_FCOS_OPTIONS``) is refused with a ``ValueError``."""
+        for name, off in RETIRED_FCOS_OPTIONS.items():
+            if config.get(name, off) != off:
+                raise RetiredOptionError(
+                    f"this configuration sets {name}={config[name]!r}, an FCOS option retired after commit "
+                    f"{RETIRED_AT} (docs/accuracy.md); train or load it at that commit: git checkout {RETIRED_AT}"
+                )
         known = {field.name for field in dataclasses.fields(cls)}
         values = {key: value for key, value in config.items() if key in known}
         values.setdefault("variant", "course")
@@ -127,11 +150,11 @@ class RunConfig:
 RECIPES = {
     # Sized for about five minutes on two CPU cores, starting from random weights.
     # AdamW, because SGD barely moves a randomly initialised backbone in so few iterations. No augmentation:
-    # about 11 passes over the images, and it would make each step slower (README, Augmentation).
+    # about 11 passes over the images, and it would make each step slower (docs/data.md, Augmentation).
     "synthetic": RunConfig(data="synthetic", train_images=512, eval_images=128),
     # The course's standard recipe: 224 px, batch 16, FPN 128, 9000 iterations (a GPU run). About 58 passes
     # over the training images: with augmentation, because at that length it raised the held-out mAP of the
-    # synthetic benchmark (README, Augmentation).
+    # synthetic benchmark (docs/data.md, Augmentation).
     "voc2007": RunConfig(
         data="voc2007",
         image_size=224,
@@ -157,16 +180,16 @@ def build_detector(config: Union[RunConfig, Mapping[str, Any]], pretrained=False
     stem_channels = [fpn_channels, fpn_channels]
     course = config.variant == "course"
     if config.model == "fcos":
-        return FCOS(num_classes, fpn_channels, stem_channels, pretrained=pretrained, **config.fcos_options())
+        builder = FCOS_BUILDERS[config.variant]
+        return builder(num_classes, fpn_channels, stem_channels, pretrained=pretrained, **config.fcos_options())
     for name in ("p2", "object_balance"):
         if getattr(config, name):
             raise ValueError(f"{name} is an option of FCOS only, not of Faster R-CNN.")
     backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained, fine_p3=bool(config.fine_p3))
     proposal_counts = dict(pre_nms_topk=400, post_nms_topk=80)
     if config.resolved_first_stage == "fcos":
-        course_head = {name: value for name, value in COURSE_FCOS.items() if name not in _FCOS_FIELDS}  # no backbone
-        first_stage_options = {**course_head, "nms_per_level": False} if course else {}
-        rpn = FCOSProposalNetwork(fpn_channels, stem_channels, **proposal_counts, **first_stage_options)
+        course_parts = {**course_fcos_parts(1, fpn_channels, stem_channels), "nms_per_level": False}
+        rpn = FCOSProposalNetwork(fpn_channels, stem_channels, **proposal_counts, **(course_parts if course else {}))
     else:
         rpn_options = COURSE_RPN if course else {}
         rpn = RPN(fpn_channels, stem_channels, batch_size_per_image=16, **proposal_counts, **rpn_options)

@@ -24,10 +24,15 @@ from common import (
     split_by_image,
 )
 from one_stage_detector import (
+    IMPROVED_MATCHER,
+    BoxLoss,
     FCOSPredictionNetwork,
+    Matcher,
+    fcos_giou_loss,
     fcos_level_candidates,
     fcos_losses,
     fcos_make_targets,
+    improved_fcos_head,
 )
 
 
@@ -109,7 +114,9 @@ class FCOSProposalNetwork(nn.Module):
     Any one-stage detector's boxes can serve as proposals; this one is anchor-free, so there is no
     anchor size or aspect ratio to tune. It keeps FCOS's head (with one class), matching, targets and
     centerness, and follows ``RPN``'s interface, so ``FasterRCNN(backbone, FCOSProposalNetwork(...), K)``
-    trains end to end. Ground-truth classes collapse to 0; padding rows stay padding.
+    trains end to end. Ground-truth classes collapse to 0; padding rows stay padding. Its parts are
+    FCOS's and default to the improved FCOS's (``one_stage_detector.improved_fcos_head``,
+    ``IMPROVED_MATCHER``, ``fcos_giou_loss``).
 
     Args:
         fpn_channels: channels C of the FPN levels.
@@ -118,8 +125,8 @@ class FCOSProposalNetwork(nn.Module):
         pre_nms_topk: locations kept by score on each level before NMS.
         post_nms_topk: proposals kept per image after NMS.
         nms_per_level: as ``RPN``'s (``select_proposals``).
-        box_loss, group_norm, center_sampling_radius, learnable_scales, nonnegative_deltas,
-        centerness_weighted_box_loss: as ``FCOS``'s, with the same defaults.
+        head: an ``FCOSPredictionNetwork`` with one class, or ``None`` for ``improved_fcos_head``.
+        matcher, box_loss: as ``FCOS``'s.
         focal_alpha, focal_gamma: sigmoid focal loss of the objectness (RetinaNet's defaults, as FCOS).
     """
 
@@ -127,30 +134,25 @@ class FCOSProposalNetwork(nn.Module):
         self,
         fpn_channels: int,
         stem_channels: Sequence[int],
+        *,
         nms_thresh: float = 0.7,
         pre_nms_topk: int = 400,
         post_nms_topk: int = 100,
         nms_per_level: bool = True,
-        box_loss: str = "giou",
-        group_norm: bool = True,
-        center_sampling_radius: Optional[float] = 1.5,
-        learnable_scales: bool = True,
-        nonnegative_deltas: bool = True,
-        centerness_weighted_box_loss: bool = False,
+        head: Optional[FCOSPredictionNetwork] = None,
+        matcher: Matcher = IMPROVED_MATCHER,
+        box_loss: BoxLoss = fcos_giou_loss,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ):
         super().__init__()
-        self.pred_net = FCOSPredictionNetwork(
-            1, fpn_channels, stem_channels, group_norm, learnable_scales, nonnegative_deltas
-        )
+        self.pred_net = head if head is not None else improved_fcos_head(1, fpn_channels, stem_channels)
         self.nms_thresh = nms_thresh
         self.pre_nms_topk = pre_nms_topk
         self.post_nms_topk = post_nms_topk
         self.nms_per_level = nms_per_level
+        self.matcher = matcher
         self.box_loss = box_loss
-        self.center_sampling_radius = center_sampling_radius
-        self.centerness_weighted_box_loss = centerness_weighted_box_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.training_metrics: TensorDict = {}
@@ -198,7 +200,7 @@ class FCOSProposalNetwork(nn.Module):
         """
         object_gt = torch.cat([gt_boxes[..., :4], gt_boxes[..., 4:].clamp(max=0)], dim=-1)  # classes -> 0
         matched_gt_boxes, target_deltas = fcos_make_targets(
-            locations, strides, object_gt, self.center_sampling_radius
+            locations, strides, object_gt, self.matcher
         )  # (B, HW, 5 | 4)
         obj_logits = cat_across_fpn_levels(obj_logits)
         boxreg_deltas = cat_across_fpn_levels(boxreg_deltas)
@@ -211,7 +213,6 @@ class FCOSProposalNetwork(nn.Module):
             box_loss=self.box_loss,
             focal_alpha=self.focal_alpha,
             focal_gamma=self.focal_gamma,
-            centerness_weighted_box_loss=self.centerness_weighted_box_loss,
         )
         foreground = matched_gt_boxes[..., 4] >= 0  # (B, HW)
         self.training_metrics = first_stage_metrics(

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from common import DetectorBackboneWithFPN
+from common import NMS_THRESH, PICTURE_SCORE_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
 from detection_data import SyntheticDetection, VOC2007DetectionTiny, denormalize_image
 from drawing import _pyplot, detection_visualizer
 from evaluation import compute_map, gt_boxes_to_targets, inference_with_detector, plot_precision_recall
@@ -154,7 +154,13 @@ class NotebookRun:
         )
 
     def show_predictions(
-        self, detector, dataset, indices, score_thresh: float = 0.3, max_boxes: int = 6, title: str = ""
+        self,
+        detector,
+        dataset,
+        indices,
+        score_thresh: float = PICTURE_SCORE_THRESH,
+        max_boxes: int = 6,
+        title: str = "",
     ) -> None:
         """Predict on ``dataset[indices]`` and draw ground truth (solid) and predictions (dashed): those
         above ``score_thresh``, at most ``max_boxes`` per image (the best ones), so that labels stay
@@ -163,7 +169,7 @@ class NotebookRun:
         batch = torch.stack([item[1] for item in items])
         detector.to(self.device).eval()
         with torch.inference_mode():
-            predictions = detector.predict(batch.to(self.device), score_thresh=score_thresh, nms_thresh=0.5)
+            predictions = detector.predict(batch.to(self.device), score_thresh=score_thresh, nms_thresh=NMS_THRESH)
         columns = min(len(items), 4)
         rows = -(-len(items) // columns)
         figure, axes = _pyplot().subplots(rows, columns, figsize=(4.5 * columns, 4.8 * rows), squeeze=False)
@@ -186,7 +192,7 @@ class NotebookRun:
         if folder.exists():
             shutil.rmtree(folder)  # stale files of an earlier run would be counted too
         results = inference_with_detector(
-            detector, self.make_val_loader(), self.idx_to_class, score_thresh=0.05, nms_thresh=0.5,
+            detector, self.make_val_loader(), self.idx_to_class, score_thresh=SCORE_THRESH, nms_thresh=NMS_THRESH,
             output_dir=folder, device=self.device,
         )  # fmt: skip
         ground_truths = []
@@ -203,7 +209,9 @@ class NotebookRun:
         show(figure)
         return compute_map(results, ground_truths, num_classes)
 
-    def try_on_photo(self, detector, photo=None, upload: bool = False, score_thresh: float = 0.3, max_boxes: int = 8):
+    def try_on_photo(
+        self, detector, photo=None, upload: bool = False, score_thresh: float = PICTURE_SCORE_THRESH, max_boxes: int = 8
+    ):
         """Detect objects in a whole photo (``photos.predict_photos``, as ``detect.py predict`` does) and
         return the picture with the best ``max_boxes`` detections above ``score_thresh`` drawn.
         ``photo``: a path; ``upload``: pick one on Colab; neither: two held-out images side by side stand

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from common import NMS_THRESH, PICTURE_SCORE_THRESH
 from detection_data import normalize_image
 from drawing import _class_colour
 
@@ -136,8 +137,8 @@ def predict_photos(
     paths: Sequence[PathLike],
     short_side: int,
     max_side: Optional[int] = None,
-    score_thresh: float = 0.3,
-    nms_thresh: float = 0.5,
+    score_thresh: float = PICTURE_SCORE_THRESH,
+    nms_thresh: float = NMS_THRESH,
     batch_size: int = 8,
     device: Union[str, torch.device] = "cpu",
 ) -> List[Dict[str, object]]:

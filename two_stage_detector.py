@@ -43,7 +43,7 @@ from first_stage import (
 )
 from roi_align import multi_level_roi_align, roi_align
 
-# Re-exported names that others import from here: ``roi_align`` (README, tests/test_gpu.py), the
+# Re-exported names that others import from here: ``roi_align`` (docs/benchmarks.md, tests/test_gpu.py), the
 # sentinels ``BACKGROUND``, ``NEUTRAL`` (tests/test_properties.py), which live in roi_align.py and common.py,
 # and the first stages' shared code and the FCOS first stage, which live in first_stage.py.
 

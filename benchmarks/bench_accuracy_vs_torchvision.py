@@ -19,7 +19,7 @@ optimizer, schedule and batches, and is scored on the same held-out images with 
 Variants of our detectors (``--variants``; ``--ablation`` adds the course's detector with one
 improvement at a time):
 
-* ``default``: what ``detect.build_detector`` builds: ``FCOS(...)`` with its defaults, and
+* ``default``: what ``experiment.build_detector`` builds: ``FCOS(...)`` with its defaults, and
   ``FasterRCNN(...)`` with its defaults on an ``FCOSProposalNetwork(...)`` first stage;
 * ``RPN first stage`` (Faster R-CNN): ``RPN(...)`` with its defaults instead, the structure of
   torchvision's ``FasterRCNN``; a run without ``--variants`` trains it too;
@@ -27,8 +27,8 @@ improvement at a time):
   add one option to it;
 * ``tv-rules`` (FCOS): ours with torchvision's rules: GroupNorm head, center sampling, GIoU loss,
   and none of the extras (for Faster R-CNN torchvision's rules are our defaults);
-* ``course``: the course's original detector (``COURSE_FCOS``, ``COURSE_RPN``);
-* ``default +p2`` (FCOS): with the FPN level of stride 4 (``FCOS(..., fpn_levels=P2_LEVELS)``), and
+* ``course``: the course's original detector (``course_fcos``, ``COURSE_RPN``);
+* ``default +p2`` (FCOS): with the FPN level of stride 4 (``improved_fcos(..., fpn_levels=P2_LEVELS)``), and
   ``torchvision +p2``: torchvision's FCOS on the same four levels, to compare like with like.
 
 Each (detector, variant, seed) is one job; ``--jobs`` runs them side by side, each with
@@ -59,7 +59,7 @@ import bench_vs_torchvision as tv_builders  # noqa: E402
 
 from a4_helper import CROWDED_SCENE, SyntheticDetection, compute_map, evaluate_detector, train_detector  # noqa: E402
 from common import FPN_LEVELS, P2_LEVELS, DetectorBackboneWithFPN, iou, nms  # noqa: E402
-from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
+from one_stage_detector import FCOS, FCOSMatcher, FCOSPredictionNetwork, fcos_giou_loss, fcos_l1_loss  # noqa: E402
 from two_stage_detector import COURSE_FASTER_RCNN, COURSE_RPN, RPN, FasterRCNN, FCOSProposalNetwork  # noqa: E402
 
 
@@ -83,49 +83,44 @@ class Settings:
 
 NUM_CLASSES = SyntheticDetection().num_classes
 
-# Our detectors' variants: keyword arguments of FCOS, and of RPN and FasterRCNN.
-# The default before fine_p3 and object_balance (README: the earlier ablation rows were measured on it).
-PREVIOUS_FCOS = {"fine_p3": False, "object_balance": 0.0}
+# Our FCOS's variants: the parts in which each differs from the improved FCOS (``improved_fcos``):
+# ``head``, the options of ``FCOSPredictionNetwork``; ``radius``, ``FCOSMatcher``'s; ``box_loss``;
+# ``fine_p3`` (the backbone's); ``object_balance``; ``fpn_levels``. ``build_our_fcos`` builds them.
+IMPROVED_PARTS = dict(
+    head=dict(group_norm=True, learnable_scales=True, nonnegative_deltas=True),
+    radius=1.5,
+    box_loss=fcos_giou_loss,
+    fine_p3=True,
+    object_balance=0.5,
+    fpn_levels=FPN_LEVELS,
+)
+COURSE_PARTS = dict(head={}, radius=None, box_loss=fcos_l1_loss, fine_p3=False, object_balance=0.0)
+# The default before fine_p3 and object_balance (docs/accuracy.md: the earlier ablation rows were measured on it).
+PREVIOUS_PARTS = {"fine_p3": False, "object_balance": 0.0}
+# Options measured here and then retired from the library (exp deltas, quality focal loss, ATSS, the
+# centerness-weighted box loss): their rows and the commit that trains them are in docs/accuracy.md.
 FCOS_VARIANTS = {
     "default": {},
-    "tv-rules": dict(
-        box_loss="giou",
-        group_norm=True,
-        center_sampling_radius=1.5,
-        learnable_scales=False,
-        nonnegative_deltas=True,
-        centerness_weighted_box_loss=False,
-        **PREVIOUS_FCOS,
-    ),
-    "course": COURSE_FCOS,
-    "course +group norm": {**COURSE_FCOS, "group_norm": True},
-    "course +center sampling": {**COURSE_FCOS, "center_sampling_radius": 1.5},
-    "course +GIoU": {**COURSE_FCOS, "box_loss": "giou"},
-    "course +scales": {**COURSE_FCOS, "learnable_scales": True},
-    "course +centerness-weighted box loss": {**COURSE_FCOS, "centerness_weighted_box_loss": True},
-    "course +nonnegative deltas": {**COURSE_FCOS, "nonnegative_deltas": True},
-    "previous": PREVIOUS_FCOS,
-    "previous +fine p3": {**PREVIOUS_FCOS, "fine_p3": True},
-    "previous +object balance 0.5": {**PREVIOUS_FCOS, "object_balance": 0.5},
-    "previous +object balance 1": {**PREVIOUS_FCOS, "object_balance": 1.0},
+    "tv-rules": dict(head=dict(group_norm=True, nonnegative_deltas=True), **PREVIOUS_PARTS),
+    "course": COURSE_PARTS,
+    "course +group norm": {**COURSE_PARTS, "head": dict(group_norm=True)},
+    "course +center sampling": {**COURSE_PARTS, "radius": 1.5},
+    "course +GIoU": {**COURSE_PARTS, "box_loss": fcos_giou_loss},
+    "course +scales": {**COURSE_PARTS, "head": dict(learnable_scales=True)},
+    "course +nonnegative deltas": {**COURSE_PARTS, "head": dict(nonnegative_deltas=True)},
+    "previous": PREVIOUS_PARTS,
+    "previous +fine p3": {**PREVIOUS_PARTS, "fine_p3": True},
+    "previous +object balance 0.5": {**PREVIOUS_PARTS, "object_balance": 0.5},
+    "previous +object balance 1": {**PREVIOUS_PARTS, "object_balance": 1.0},
     "default +object balance 1": {"object_balance": 1.0},
-    "previous +quality focal": {**PREVIOUS_FCOS, "quality_focal": True},
-    "previous +ATSS": {**PREVIOUS_FCOS, "matching": "atss"},
-    "previous +exp deltas": {**PREVIOUS_FCOS, "exp_deltas": True},
-    "previous +ATSS +quality focal": {**PREVIOUS_FCOS, "matching": "atss", "quality_focal": True},
-    "previous -nonnegative deltas": {**PREVIOUS_FCOS, "nonnegative_deltas": False},
-    "previous -nonnegative deltas +centerness weights": {
-        **PREVIOUS_FCOS,
-        "nonnegative_deltas": False,
-        "centerness_weighted_box_loss": True,
-    },
+    "previous -nonnegative deltas": {**PREVIOUS_PARTS, "head": dict(group_norm=True, learnable_scales=True)},
     "default +p2": {"fpn_levels": P2_LEVELS},
     "torchvision +p2": {},  # torchvision's FCOS on p2-p5 (built in ``build``), to compare like with like
 }
 COURSE_HEAD = {**COURSE_FASTER_RCNN, "fc_channels": ()}
 # None instead of RPN options: FCOSProposalNetwork with its defaults as the first stage.
 RCNN_VARIANTS = {
-    "default": (None, {}),  # what detect.build_detector builds: an FCOS first stage (see the README)
+    "default": (None, {}),  # what experiment.build_detector builds: an FCOS first stage (docs/accuracy.md)
     "RPN first stage": ({}, {}),  # RPN(...) and FasterRCNN(...) with their defaults: torchvision's structure
     "course": (COURSE_RPN, COURSE_HEAD),
     "course +low-quality matches": ({**COURSE_RPN, "allow_low_quality_matches": True}, COURSE_HEAD),
@@ -175,6 +170,25 @@ def _configure_tv_builders(settings: Settings) -> None:
     tv_builders.FCOS_SCORE = tv_builders.RCNN_SCORE = settings.score_thresh
 
 
+def build_our_fcos(variant: str, fpn_channels: int, stem_channels: List[int]) -> FCOS:
+    """Our FCOS of one variant of ``FCOS_VARIANTS``, from its parts, backbone first."""
+    parts = {**IMPROVED_PARTS, **FCOS_VARIANTS[variant]}
+    backbone = DetectorBackboneWithFPN(
+        fpn_channels, pretrained=False, levels=parts["fpn_levels"], fine_p3=parts["fine_p3"]
+    )
+    head = FCOSPredictionNetwork(
+        NUM_CLASSES, fpn_channels, stem_channels, num_levels=len(backbone.levels), **parts["head"]
+    )
+    return FCOS(
+        NUM_CLASSES,
+        backbone=backbone,
+        head=head,
+        matcher=FCOSMatcher(parts["radius"]),
+        box_loss=parts["box_loss"],
+        object_balance=parts["object_balance"],
+    )
+
+
 def build(detector: str, variant: str, settings: Settings) -> nn.Module:
     """One detector; the backbone is built first, so that a seed gives every detector the same backbone."""
     _configure_tv_builders(settings)
@@ -183,7 +197,7 @@ def build(detector: str, variant: str, settings: Settings) -> nn.Module:
         if variant.startswith("torchvision"):
             levels = P2_LEVELS if variant == "torchvision +p2" else FPN_LEVELS
             return TorchvisionAdapter(tv_builders.build_torchvision_fcos(levels), background_first=False)
-        return FCOS(NUM_CLASSES, C, stem, pretrained=False, **FCOS_VARIANTS[variant])
+        return build_our_fcos(variant, C, stem)
     if variant == "torchvision":
         return TorchvisionAdapter(tv_builders.build_torchvision_faster_rcnn(), background_first=True)
     rpn_options, head_options = RCNN_VARIANTS[variant]

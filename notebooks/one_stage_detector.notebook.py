@@ -88,9 +88,9 @@ import experiment  # noqa: E402
 import notebook_kit  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou, nms  # noqa: E402
 from one_stage_detector import (  # noqa: E402
-    COURSE_FCOS,
     FCOS,
     FCOSPredictionNetwork,
+    course_fcos,
     fcos_apply_deltas_to_locations,
     fcos_get_deltas_from_locations,
     fcos_make_centerness_targets,
@@ -480,12 +480,13 @@ for threshold in (0.3, 0.5, 0.7):
 # An image without objects must still give finite losses: a positive classification loss (it still
 # has to learn "nothing here") and zero box and centerness losses.
 #
-# Until the last section this notebook builds **the course's FCOS**: `FCOS(..., **COURSE_FCOS)` turns
-# off the improvements that FCOS's authors published after the paper, which `FCOS(...)` has by default.
+# Until the last section this notebook builds **the course's FCOS**: `course_fcos(...)` builds FCOS from
+# the parts written above (the plain head, matching anywhere inside a box, the L1 box loss), without the
+# improvements that FCOS's authors published after the paper, which `FCOS(...)` has by default.
 
 # %%
 a4_helper.reset_seed(0)
-untrained = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS] * 2, pretrained=False, **COURSE_FCOS)
+untrained = course_fcos(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS] * 2, pretrained=False)
 untrained.train()
 losses = untrained(images, gt_boxes)
 # Catches losses divided by zero foreground locations (NaN on an empty image) and box or centerness
@@ -519,7 +520,7 @@ overfit_loader = torch.utils.data.DataLoader(
     generator=torch.Generator().manual_seed(0),
 )
 a4_helper.reset_seed(0)
-overfit_fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
+overfit_fcos = course_fcos(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED)
 overfit_history = a4_helper.train_detector(
     overfit_fcos,
     overfit_loader,
@@ -562,7 +563,7 @@ print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map
 FCOS_DIR = run_dir("fcos")
 FCOS_CHECKPOINT = FCOS_DIR / "checkpoint.pt"
 a4_helper.reset_seed(0)
-fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
+fcos = course_fcos(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED)
 fcos_history = a4_helper.train_detector(
     fcos,
     make_train_loader(),
@@ -662,35 +663,34 @@ print(f"from a shell: python detect.py eval --checkpoint {FCOS_CHECKPOINT}")
 #
 # FCOS's authors kept improving it after the conference paper, and published the changes in the journal
 # version (Tian et al., *FCOS: A Simple and Strong Anchor-free Object Detector*, TPAMI 2022) and their
-# released code; torchvision's `FCOS` has most of them. Each is one keyword of `FCOS` (its default
-# below); `COURSE_FCOS` turns them all off:
+# released code; torchvision's `FCOS` has most of them. `FCOS` is built from parts (a backbone, a head,
+# a matching rule and a box loss), and `FCOS(...)` builds the improved ones; `course_fcos(...)` the
+# course's:
 #
-# - `group_norm=True`: GroupNorm after each head conv. One head serves all levels, whose features differ
-#   in scale; normalised, the head trains faster and steadier.
-# - `center_sampling_radius=1.5`: positives only within 1.5 strides of a box's centre. Border locations
-#   see mostly background and regress poorly.
-# - `box_loss="giou"`: GIoU instead of L1 on the distances; it measures boxes as the evaluation does,
-#   whatever their size.
-# - `nonnegative_deltas=True`: a ReLU on the box output. A distance to a side is never negative, so every
-#   box contains its location, in training as at test time.
-# - `learnable_scales=True`: a trainable scale of each level's box output, so that each level can choose
-#   its own output range.
-# - `centerness_weighted_box_loss=False`: the authors' code weights the box loss by the centerness
-#   targets, so that the central locations, which rank first at test time, weigh most. It did not help
-#   here, so it is off.
+# - The head, `improved_fcos_head(...)`, is `FCOSPredictionNetwork` with three options on.
+#   `group_norm=True`: GroupNorm after each head conv. One head serves all levels, whose features differ
+#   in scale; normalised, the head trains faster and steadier. `nonnegative_deltas=True`: a ReLU on the
+#   box output. A distance to a side is never negative, so every box contains its location, in training
+#   as at test time. `learnable_scales=True`: a trainable scale of each level's box output, so that each
+#   level can choose its own output range.
+# - The matching rule, `FCOSMatcher(center_sampling_radius=1.5)`: positives only within 1.5 strides of a
+#   box's centre. Border locations see mostly background and regress poorly.
+# - The box loss, `fcos_giou_loss`: GIoU instead of L1 (`fcos_l1_loss`) on the distances; it measures
+#   boxes as the evaluation does, whatever their size.
 #
 # With all of these, our FCOS learned as well as torchvision's, but no better: both found only a third of
 # the objects under 16 pixels. Two more changes of this project's own go after those small objects:
 #
-# - `fine_p3=True`: p3 also sees the backbone's stride-4 stage. The stride-8 stage no longer knows where
-#   inside each 8-pixel cell an edge lies, which is what a 10-pixel box needs.
-# - `object_balance=0.5`: FCOS weighs every foreground location alike, so a 40-pixel box with nine
-#   locations counts nine times as much as a 10-pixel box with one. Here a location of an object with `n`
-#   locations weighs `n ** -0.5` (scaled so that the loss keeps its size): the small box counts a third
+# - `DetectorBackboneWithFPN(..., fine_p3=True)`: p3 also sees the backbone's stride-4 stage. The
+#   stride-8 stage no longer knows where inside each 8-pixel cell an edge lies, which is what a 10-pixel
+#   box needs.
+# - `FCOS(..., object_balance=0.5)`: FCOS weighs every foreground location alike, so a 40-pixel box with
+#   nine locations counts nine times as much as a 10-pixel box with one. Here a location of an object
+#   with `n` locations weighs `n ** -0.5` (scaled so that the loss keeps its size): the small box counts a third
 #   of the large one, not a ninth.
 #
 # `benchmarks/bench_accuracy_vs_torchvision.py` measures each one alone and all together, mean over three
-# seeds, next to torchvision's FCOS; the README's "Accuracy" section has the table. Below, center
+# seeds, next to torchvision's FCOS; `docs/accuracy.md` has the table. Below, center
 # sampling and the object balance on the batch of the matching section, then the improved FCOS trained
 # exactly like the course's.
 
@@ -771,9 +771,11 @@ display(RUN.try_on_photo(improved_fcos, PHOTO, upload=UPLOAD))
 # ## Where to go from here
 #
 # - `two_stage_detector.ipynb` builds Faster R-CNN on the same backbone and compares it with this FCOS.
-# - Turn the improvements on one at a time (`FCOS(..., **{**COURSE_FCOS, "group_norm": True})`) and see
-#   which of them matter on your data.
-# - `FCOS(..., fpn_levels=("p2", "p3", "p4", "p5"))` (`detect.py train --p2`) adds a level of stride 4,
+# - Swap the improved parts in one at a time (for example the course's FCOS with the improved head,
+#   `FCOS(K, backbone=DetectorBackboneWithFPN(C, fine_p3=False), head=improved_fcos_head(K, C, [C, C]),
+#   matcher=FCOSMatcher(), box_loss=fcos_l1_loss, object_balance=0.0)`) and see which of them matter on
+#   your data.
+# - `improved_fcos(..., fpn_levels=P2_LEVELS)` (`detect.py train --p2`) adds a level of stride 4,
 #   which finds small objects far better still, for about twice the computation.
 # - Public results of the original course put a correct FCOS at roughly 42-45% mAP@0.5 on VOC 2007 with
 #   this recipe, and code with the assignment's transposed locations at roughly 23-28%.

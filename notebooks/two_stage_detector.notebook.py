@@ -92,7 +92,7 @@ import experiment  # noqa: E402
 import notebook_kit  # noqa: E402
 import two_stage_detector  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou  # noqa: E402
-from one_stage_detector import COURSE_FCOS, FCOS  # noqa: E402
+from one_stage_detector import course_fcos  # noqa: E402
 from two_stage_detector import (  # noqa: E402
     COURSE_RPN,
     RPN,
@@ -804,7 +804,7 @@ FCOS_CHECKPOINT = FCOS_DIR / "checkpoint.pt"
 if FCOS_CHECKPOINT.exists():
     print(f"found {FCOS_CHECKPOINT}: training resumes from it (nothing left to do if that run finished)")
 a4_helper.reset_seed(0)
-fcos = FCOS(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED, **COURSE_FCOS)
+fcos = course_fcos(NUM_CLASSES, FPN_CHANNELS, [FPN_CHANNELS, FPN_CHANNELS], pretrained=PRETRAINED)
 fcos_history = a4_helper.train_detector(
     fcos,
     make_train_loader(),
@@ -937,7 +937,7 @@ show(a4_helper.plot_proposal_recall(recalls, num_proposals=100))
 #   nothing and learns slowly (detectron2's and torchvision's conv heads use He's).
 #
 # `benchmarks/bench_accuracy_vs_torchvision.py` measures each alone and all together, mean over three
-# seeds, next to torchvision's `FasterRCNN`; the README's "Accuracy" section has the table. The first
+# seeds, next to torchvision's `FasterRCNN`; `docs/accuracy.md` has the table. The first
 # check below counts the objects of the anchor section's batch that get no positive anchor under each rule;
 # the second shows the RoI head's output with each initialisation; then the improved detector trains
 # exactly like the course's.

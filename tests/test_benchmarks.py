@@ -59,3 +59,29 @@ def test_augmentation_benchmark_variants_and_table():
     # none: mean 0.6, sample standard deviation sqrt(((0.5-0.6)^2 + (0.7-0.6)^2) / 1) = 0.1414
     assert lines[1].split() == ["none", "0.600", "0.141", "0.500", "0.700"]
     assert lines[2].split() == ["flip", "0.600", "0.000", "0.600"]
+
+
+def test_fcos_variants_built_from_parts_are_the_library_presets():
+    """The benchmark's ``default`` and ``course`` rows measure what the library builds (same parts,
+    same initial weights from the same seed), and ``default +p2`` what ``improved_fcos`` builds with p2."""
+    from common import P2_LEVELS
+    from one_stage_detector import course_fcos, improved_fcos
+
+    C, stem = SMALL.fpn_channels, list(SMALL.stem)
+    for variant, preset in (
+        ("default", lambda: improved_fcos(bench.NUM_CLASSES, C, stem, pretrained=False)),
+        ("course", lambda: course_fcos(bench.NUM_CLASSES, C, stem, pretrained=False)),
+        ("default +p2", lambda: improved_fcos(bench.NUM_CLASSES, C, stem, pretrained=False, fpn_levels=P2_LEVELS)),
+    ):
+        torch.manual_seed(0)
+        ours = bench.build("fcos", variant, SMALL)
+        torch.manual_seed(0)
+        library = preset()
+        assert (ours.matcher, ours.box_loss, ours.object_balance) == (
+            library.matcher,
+            library.box_loss,
+            library.object_balance,
+        )
+        state, expected = ours.state_dict(), library.state_dict()
+        assert state.keys() == expected.keys(), variant
+        assert all(torch.equal(state[name], expected[name]) for name in state), variant

@@ -164,3 +164,13 @@ def test_the_real_command_exits_with_1_and_one_line_on_stderr(tmp_path):
     ]
     usage = subprocess.run([*command[:2], "train", "--iters", "-5"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "error: argument --iters: must be a positive whole number, got -5" in usage.stderr
+
+
+def test_a_checkpoint_that_names_a_retired_option_is_refused_in_one_line(tmp_path, capsys, tiny_checkpoint):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=False)
+    checkpoint["metadata"]["config"]["quality_focal"] = True  # a configuration that turns a retired option on
+    retired = tmp_path / "retired.pt"
+    torch.save(checkpoint, retired)
+    code, stderr = _fails(["eval", "--checkpoint", str(retired)], capsys)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1
+    assert "retired.pt" in stderr and "quality_focal" in stderr and "git checkout 3e0958e" in stderr

@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 import a4_helper
 import detect
+from one_stage_detector import fcos_giou_loss, fcos_l1_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--iters", "3", "--train-images", "8", "--eval-images", "4", "--image-size", "64", "--batch-size", "4"]
@@ -243,9 +244,9 @@ def test_proposal_evaluation_gives_the_first_stage_back_its_proposal_count_and_m
 def test_build_detector_builds_the_variant_its_config_names_and_old_configs_the_course_one():
     config = {"fpn_channels": 16, "num_classes": 3}
     improved = detect.build_detector({**config, "model": "fcos", "variant": "improved"})
-    assert improved.box_loss == "giou" and improved.pred_net.scales is not None
+    assert improved.box_loss is fcos_giou_loss and improved.pred_net.scales is not None
     old_fcos = detect.build_detector({**config, "model": "fcos"})  # checkpoints from before the variant
-    assert old_fcos.box_loss == "l1" and old_fcos.pred_net.scales is None
+    assert old_fcos.box_loss is fcos_l1_loss and old_fcos.pred_net.scales is None
     assert set(old_fcos.state_dict()) == set(
         detect.build_detector({**config, "model": "fcos", "variant": "course"}).state_dict()
     )
@@ -254,5 +255,5 @@ def test_build_detector_builds_the_variant_its_config_names_and_old_configs_the_
     old_rcnn = detect.build_detector({**config, "model": "faster_rcnn"})
     assert not old_rcnn.rpn.allow_low_quality_matches and not old_rcnn.rpn.nms_per_level
     old_first_stage = detect.build_detector({**config, "model": "faster_rcnn", "first_stage": "fcos"})
-    assert old_first_stage.rpn.box_loss == "l1" and not old_first_stage.rpn.nms_per_level
+    assert old_first_stage.rpn.box_loss is fcos_l1_loss and not old_first_stage.rpn.nms_per_level
     assert detect.build_parser().parse_args(["train"]).variant == "improved"

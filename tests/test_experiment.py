@@ -83,7 +83,27 @@ def test_the_readmes_python_example_runs_and_does_what_it_says(capsys):
 
 
 def test_the_voc_recipe_augments_and_the_quick_start_does_not():
-    # README, Augmentation: the measurement behind both defaults.
+    # docs/data.md, Augmentation: the measurement behind both defaults.
     assert RECIPES["voc2007"].augment and not RECIPES["synthetic"].augment
     assert make_augmentation(RECIPES["synthetic"]) is None
     assert make_augmentation(RECIPES["voc2007"], seed=1).generator.initial_seed() == 1
+
+
+def test_a_stored_configuration_that_turns_on_a_retired_option_is_refused():
+    stored = {"model": "fcos", "variant": "improved", "fine_p3": True, "object_balance": 0.5}
+    for name, value in (("exp_deltas", True), ("quality_focal", True), ("matching", "atss")):
+        with pytest.raises(ValueError, match=f"{name}={value!r}, an FCOS option retired after commit 3e0958e"):
+            RunConfig.from_dict({**stored, name: value})
+    # Written "off", they mean what the library does today, and load.
+    off = {"exp_deltas": False, "quality_focal": False, "centerness_weighted_box_loss": False, "matching": "fcos"}
+    assert RunConfig.from_dict({**stored, **off}) == RunConfig.from_dict(stored)
+
+
+def test_each_variant_builds_its_fcos_preset():
+    for variant, expected_loss in (("improved", "fcos_giou_loss"), ("course", "fcos_l1_loss")):
+        config = RunConfig(model="fcos", variant=variant, fpn_channels=16, num_classes=3)
+        detector = build_detector(config)
+        assert detector.box_loss.__name__ == expected_loss
+        assert detector.backbone.fine_p3 == config.resolved().fine_p3 == (variant == "improved")
+    p2 = build_detector(RunConfig(model="fcos", p2=True, fpn_channels=16, num_classes=3))
+    assert p2.backbone.levels == ("p2", "p3", "p4", "p5") and p2.pred_net.scales.shape == (4,)

@@ -11,7 +11,11 @@ Rows held by tests in other files:
 - no data set: test_detection_data.py::test_voc_without_data_names_the_folder_and_how_to_download;
 - no weights offline: test_common.py::test_backbone_offline_imagenet_weights_error_names_cache_and_alternatives,
   test_common.py::test_backbone_missing_weights_file_names_the_path;
-- wrong command-line arguments: test_detect.py::test_wrong_arguments_exit_with_usage_and_write_nothing.
+- wrong command-line arguments: test_detect.py::test_wrong_arguments_exit_with_usage_and_write_nothing;
+- a checkpoint of a retired FCOS option:
+  test_command_line_errors.py::test_a_checkpoint_that_names_a_retired_option_is_refused_in_one_line;
+- no ground-truth rows on one DDP rank:
+  test_distributed.py::test_object_balance_with_no_ground_truth_rows_on_one_rank.
 Peak memory of matching with many boxes: benchmarks/bench_matching_memory.py.
 """
 

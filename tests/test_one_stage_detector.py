@@ -10,21 +10,24 @@ from torch.testing import assert_close
 
 import one_stage_detector
 from a4_helper import SyntheticDetection, compute_map, gt_boxes_to_targets
-from common import get_fpn_location_coords
+from common import P2_LEVELS, DetectorBackboneWithFPN, get_fpn_location_coords
 from one_stage_detector import (
-    COURSE_FCOS,
     FCOS,
+    IMPROVED_MATCHER,
+    FCOSMatcher,
     FCOSPredictionNetwork,
-    atss_match_locations_to_gt,
+    course_fcos,
     fcos_apply_deltas_to_locations,
     fcos_get_deltas_from_locations,
     fcos_giou_loss,
+    fcos_l1_loss,
     fcos_level_candidates,
     fcos_losses,
     fcos_make_centerness_targets,
     fcos_make_targets,
     fcos_match_locations_to_gt,
     fcos_object_balance_weights,
+    improved_fcos,
 )
 
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
@@ -175,11 +178,10 @@ def test_boxes_start_one_stride_wide_so_that_the_box_loss_has_a_gradient():
     # With a ReLU on the box output, the bias starts at 1: each side one stride from the location.
     relu_head = FCOSPredictionNetwork(3, 16, [16], nonnegative_deltas=True)
     assert_close(relu_head.pred_box.bias.detach(), torch.ones(4))
-    for plain in (FCOSPredictionNetwork(3, 16, [16]), FCOSPredictionNetwork(3, 16, [16], exp_deltas=True)):
-        assert_close(plain.pred_box.bias.detach(), torch.zeros(4))  # the course's head; exp(0) is 1 already
+    assert_close(FCOSPredictionNetwork(3, 16, [16]).pred_box.bias.detach(), torch.zeros(4))  # the course's head
     # A fresh default FCOS: a 16-px box around each location of a 24-px object overlaps it, so the GIoU
     # loss is well under 1 and its gradient reaches the box bias. With the bias at 0 the boxes start as
-    # points and the same batch gives 0.9997 (the dead box head of the README's augmentation section).
+    # points and the same batch gives 0.9997 (the dead box head of docs/data.md).
     torch.manual_seed(0)
     fcos = FCOS(3, 16, [16, 16], pretrained=False)
     losses = fcos(torch.rand(1, 3, 64, 64), torch.tensor([[[20.0, 20, 44, 44, 1]]]))
@@ -188,32 +190,50 @@ def test_boxes_start_one_stride_wide_so_that_the_box_loss_has_a_gradient():
     assert fcos.pred_net.pred_box.bias.grad.abs().sum() > 1e-3
 
 
-def test_prediction_network_exp_deltas_are_the_exponential_of_the_scaled_output():
-    torch.manual_seed(0)
-    head = FCOSPredictionNetwork(3, 16, [16, 16], learnable_scales=True, exp_deltas=True)
-    feats = {level: torch.randn(2, 16, 8 // (2**i), 8 // (2**i)) for i, level in enumerate(STRIDES)}
-    with torch.no_grad():
-        head.pred_box.weight.zero_()
-        head.pred_box.bias.fill_(math.log(4.0))  # every raw output log 4
-        head.scales[2] = 0.5  # p5: exp(0.5 * log 4) = 2
-    deltas = head(feats)[1]
-    assert_close(deltas["p3"], torch.full_like(deltas["p3"], 4.0))
-    assert_close(deltas["p5"], torch.full_like(deltas["p5"], 2.0))
-    with torch.no_grad():
-        head.pred_box.bias.fill_(1000.0)  # clamped before exp: e^10, finite
-    assert_close(head(feats)[1]["p3"], torch.full_like(deltas["p3"], math.exp(10.0)))
-
-
-def test_fcos_defaults_are_the_improved_rules_and_course_fcos_the_original():
+def test_fcos_defaults_are_the_improved_parts_and_course_fcos_the_original():
     improved = FCOS(3, 16, [16], pretrained=False)
-    assert (improved.box_loss, improved.center_sampling_radius) == ("giou", 1.5)
-    assert improved.pred_net.scales is not None
-    course = FCOS(3, 16, [16], pretrained=False, **COURSE_FCOS)
-    assert (course.box_loss, course.center_sampling_radius, course.pred_net.scales) == ("l1", None, None)
+    assert (improved.box_loss, improved.matcher, improved.object_balance) == (fcos_giou_loss, FCOSMatcher(1.5), 0.5)
+    assert improved.matcher is IMPROVED_MATCHER and improved.backbone.fine_p3
+    assert improved.pred_net.scales is not None and improved.pred_net.nonnegative_deltas
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in improved.pred_net.modules()) == 2  # 2 stems x 1 conv
+    course = course_fcos(3, 16, [16], pretrained=False)
+    assert (course.box_loss, course.matcher, course.object_balance) == (fcos_l1_loss, FCOSMatcher(None), 0.0)
+    assert course.pred_net.scales is None and not course.pred_net.nonnegative_deltas and not course.backbone.fine_p3
     # The course's state dict has no GroupNorm and no scales, so checkpoints of it still load.
-    assert not any("scales" in key for key in course.state_dict())
-    with pytest.raises(ValueError, match="box_loss"):
-        FCOS(3, 16, [16], pretrained=False, box_loss="smooth_l1")
+    assert not any("scales" in key or "c2_to_p3" in key for key in course.state_dict())
+
+
+def test_fcos_from_parts_uses_the_parts_it_is_given():
+    backbone = DetectorBackboneWithFPN(16, pretrained=False, levels=P2_LEVELS)
+    head = FCOSPredictionNetwork(4, 16, [16], num_levels=4)
+    matcher = FCOSMatcher(center_sampling_radius=2.0)
+    fcos = FCOS(4, backbone=backbone, head=head, matcher=matcher, box_loss=fcos_l1_loss, channels_last=False)
+    assert fcos.backbone is backbone and fcos.pred_net is head and fcos.matcher is matcher
+    # Only the given parts are used: no FPN or stem channels are needed, and the losses come out finite.
+    losses = fcos(torch.rand(1, 3, 64, 64), torch.tensor([[[8.0, 8, 40, 30, 2]]]))
+    assert all(torch.isfinite(value) for value in losses.values())
+    # A part that is not given needs the number it is built from.
+    with pytest.raises(ValueError, match="stem_channels"):
+        FCOS(4, backbone=DetectorBackboneWithFPN(16, pretrained=False))
+    with pytest.raises(ValueError, match="fpn_channels"):
+        FCOS(4, head=FCOSPredictionNetwork(4, 16, [16]))
+    with pytest.raises(TypeError):  # options are keyword-only: no flag by position
+        FCOSPredictionNetwork(4, 16, [16], True)
+
+
+def test_improved_fcos_with_p2_builds_a_scale_per_level():
+    fcos = improved_fcos(3, 16, [16], pretrained=False, fpn_levels=P2_LEVELS)
+    assert fcos.backbone.levels == P2_LEVELS and fcos.pred_net.scales.shape == (4,)
+    assert fcos.backbone.fine_p3 and fcos.object_balance == 0.5
+
+
+def test_matcher_is_fcos_matching_with_its_radius():
+    locations = _locations_for(64)
+    gt = _padded([[0, 0, 64, 64, 2], [40, 40, 50, 50, 1]])
+    for radius in (None, 1.5):
+        expected = fcos_match_locations_to_gt(locations, STRIDES, gt, center_sampling_radius=radius)
+        found = FCOSMatcher(radius)(locations, STRIDES, gt)
+        assert all(torch.equal(found[level], expected[level]) for level in STRIDES)
 
 
 def test_match_boundary_of_level_ranges_is_exclusive():
@@ -275,7 +295,7 @@ def test_giou_loss_equals_torchvision_for_valid_boxes():
     assert_close(fcos_giou_loss(target, target), torch.zeros(50), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("box_loss", ["l1", "giou"])
+@pytest.mark.parametrize("box_loss", [fcos_l1_loss, fcos_giou_loss])
 def test_losses_finite_with_and_without_boxes(small_fcos, box_loss):
     small_fcos.train()
     small_fcos.box_loss = box_loss
@@ -290,10 +310,10 @@ def test_losses_finite_with_and_without_boxes(small_fcos, box_loss):
     assert no_boxes["loss_box"].item() == 0 and no_boxes["loss_ctr"].item() == 0
     sum(no_boxes.values()).backward()  # gradients flow even with no foreground
     small_fcos.zero_grad()
-    small_fcos.box_loss = "l1"
+    small_fcos.box_loss = fcos_l1_loss
 
 
-@pytest.mark.parametrize("box_loss", ["l1", "giou"])
+@pytest.mark.parametrize("box_loss", [fcos_l1_loss, fcos_giou_loss])
 def test_losses_equal_the_terms_of_the_foreground_locations_alone(box_loss):
     """The dense, masked loss equals the textbook version that first gathers the foreground."""
     locations = get_fpn_location_coords({"p3": (8, 8), "p4": (4, 4), "p5": (2, 2)}, STRIDES)
@@ -309,7 +329,7 @@ def test_losses_equal_the_terms_of_the_foreground_locations_alone(box_loss):
     assert num_fg > 10
     box_terms = (
         fcos_giou_loss(box_deltas[fg], targets[fg])
-        if box_loss == "giou"
+        if box_loss is fcos_giou_loss
         else 0.25 * (box_deltas[fg] - targets[fg]).abs().sum(dim=1)
     )
     expected_box = box_terms.sum() / num_fg
@@ -325,7 +345,7 @@ def test_losses_equal_the_terms_of_the_foreground_locations_alone(box_loss):
     assert grads[0][~fg].abs().max() == 0  # background locations get no box gradient
 
 
-def test_centerness_weighted_box_loss_hand_computed():
+def test_l1_box_loss_and_fcos_losses_hand_computed():
     # One image, two foreground locations at stride 8 and one background location.
     # Location A, deltas (1, 1, 1, 1): centerness sqrt(1 * 1 / (1 * 1)) = 1.
     # Location B, deltas (1, 3, 3, 1): centerness sqrt(1 * 1 / (3 * 3)) = 1/3.
@@ -333,101 +353,19 @@ def test_centerness_weighted_box_loss_hand_computed():
     matched = torch.tensor([[[0.0, 0, 16, 16, 0], [0.0, 0, 32, 32, 0], [-1.0, -1, -1, -1, -1]]])
     pred = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 3], [5.0, 5, 5, 5]]])  # B is off by 2 on one side
     cls_logits, ctr_logits = torch.zeros(1, 3, 1), torch.zeros(1, 3)
-    plain = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1")
-    weighted = fcos_losses(
-        matched, targets, cls_logits, pred, ctr_logits, box_loss="l1", centerness_weighted_box_loss=True
-    )
-    # L1 terms: A 0, B 0.25 * 2 = 0.5. Plain: (0 + 0.5) / 2 locations = 0.25.
-    # Weighted: (1 * 0 + 1/3 * 0.5) / (1 + 1/3) = (1/6) / (4/3) = 0.125.
-    assert_close(plain["loss_box"], torch.tensor(0.25))
-    assert_close(weighted["loss_box"], torch.tensor(0.125))
-    assert_close(weighted["loss_cls"], plain["loss_cls"])
-    assert_close(weighted["loss_ctr"], plain["loss_ctr"])
-    empty = fcos_losses(
-        matched[:, 2:],
-        targets[:, 2:],
-        cls_logits[:, 2:],
-        pred[:, 2:],
-        ctr_logits[:, 2:],
-        centerness_weighted_box_loss=True,
-    )  # no foreground at all: zero, not NaN
-    assert empty["loss_box"] == 0
-
-
-def test_quality_focal_loss_hand_computed():
-    # One foreground location, one class, logit 0 (p = 0.5). Target deltas (1, 1, 1, 1) span a 2x2
-    # box; the prediction (0.5, 0.5, 0.5, 0.5) a 1x1 box inside it: IoU 1/4, the class target.
-    # QFL: |0.25 - 0.5|^2 * BCE(0.5, 0.25) = 0.0625 * ln 2 (BCE at p = 0.5 is ln 2 for any target).
-    # A background location with logit 0: |0 - 0.5|^2 * ln 2 = 0.25 ln 2. Divided by 1 foreground.
-    matched = torch.tensor([[[0.0, 0, 16, 16, 0], [-1.0, -1, -1, -1, -1]]])
-    targets = torch.tensor([[[1.0, 1, 1, 1], [-1.0, -1, -1, -1]]])
-    pred = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [1.0, 1, 1, 1]]])
-    losses = fcos_losses(matched, targets, torch.zeros(1, 2, 1), pred, torch.zeros(1, 2), quality_focal=True)
-    assert_close(losses["loss_cls"], torch.tensor((0.0625 + 0.25) * math.log(2)))
-    # A perfect box and a confident score cost almost nothing; the box term is unchanged by QFL.
-    perfect = fcos_losses(matched[:, :1], targets[:, :1], torch.full((1, 1, 1), 9.0), targets[:, :1], torch.zeros(1, 1))
-    qfl = fcos_losses(
-        matched[:, :1],
-        targets[:, :1],
-        torch.full((1, 1, 1), 9.0),
-        targets[:, :1],
-        torch.zeros(1, 1),
-        quality_focal=True,
-    )
-    assert qfl["loss_cls"] < 1e-6 and torch.equal(qfl["loss_box"], perfect["loss_box"])
-
-
-def test_atss_hand_computed():
-    # A 64x64 image, box (16, 16, 48, 48), centre (32, 32), topk 4. The 4 nearest locations per level
-    # and their anchors' IoU with the box (anchor side 8 strides, each anchor covers the box):
-    #   p3 (28|36, 28|36), side 64:  1024 / 4096  = 0.25
-    #   p4 (24|40, 24|40), side 128: 1024 / 16384 = 0.0625
-    #   p5 (16|48, 16|48), side 256: 1024 / 65536 = 0.015625 (and on the box's border)
-    # mean 1.3125 / 12 = 0.109375; sample std sqrt(4 (0.140625^2 + 0.046875^2 + 0.09375^2) / 11)
-    # = 0.10576; threshold 0.2151: only the four p3 locations are positive.
-    locations = _locations_for(64)
-    gt = torch.tensor([[16.0, 16, 48, 48, 2]])
-    matched = atss_match_locations_to_gt(locations, STRIDES, gt, topk=4)
-    positive = (matched["p3"][:, 4] == 2).nonzero().flatten()
-    assert positive.tolist() == [3 * 8 + 3, 3 * 8 + 4, 4 * 8 + 3, 4 * 8 + 4]  # rows 3-4, columns 3-4 of 8x8
-    assert (matched["p4"] == -1).all() and (matched["p5"] == -1).all()
-    assert torch.equal(matched["p3"][positive], gt.expand(4, 5))
-
-
-def test_atss_batch_equals_per_image_padding_and_empty_gt():
-    locations = _locations_for(128)
-    gt = torch.stack(
-        [
-            _padded([[8, 8, 60, 50, 1], [30, 20, 120, 126, 4], [40, 30, 60, 50, 2]]),
-            _padded([]),
-            _padded([[50, 60, 70, 90, 3]]),
-        ]
-    )
-    batched = atss_match_locations_to_gt(locations, STRIDES, gt)
-    for b in range(3):
-        single = atss_match_locations_to_gt(locations, STRIDES, gt[b])
-        for level in STRIDES:
-            assert torch.equal(batched[level][b], single[level])
-    assert all((batched[level][1] == -1).all() for level in STRIDES)  # padding rows never match
-    classes = torch.cat([batched[level][0, :, 4] for level in STRIDES])
-    assert {1.0, 4.0, 2.0} <= set(classes.tolist())  # every box gets positives, the small one inside the big one too
-    for level in STRIDES:  # positives lie strictly inside their box
-        rows, x, y = batched[level][0], locations[level][:, 0], locations[level][:, 1]
-        fg = rows[:, 4] >= 0
-        assert ((x > rows[:, 0]) & (y > rows[:, 1]) & (x < rows[:, 2]) & (y < rows[:, 3]))[fg].all()
-    no_rows = atss_match_locations_to_gt(locations, STRIDES, torch.zeros(0, 5))
-    assert (no_rows["p3"] == -1).all() and no_rows["p3"].shape == (256, 5)
-
-
-def test_fcos_with_atss_and_quality_focal_trains(small_fcos):
-    small_fcos.matching, small_fcos.quality_focal = "atss", True
-    images = torch.rand(2, 3, 64, 64)
-    gt = torch.stack([_padded([[8, 8, 40, 40, 1]], 2), _padded([], 2)])
-    losses = small_fcos(images, gt)
-    assert all(torch.isfinite(v) and v >= 0 for v in losses.values())
-    sum(losses.values()).backward()
-    with pytest.raises(ValueError, match="matching must be"):
-        fcos_make_targets(_locations_for(64), STRIDES, gt, matching="nearest")
+    # L1 terms, 0.25 x the summed absolute differences: A 0, B 0.25 * 2 = 0.5.
+    assert_close(fcos_l1_loss(pred[0, :2], targets[0, :2]), torch.tensor([0.0, 0.5]))
+    losses = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss=fcos_l1_loss)
+    # Box: (0 + 0.5) / 2 foreground locations = 0.25; the background's (5, 5, 5, 5) is not counted.
+    assert_close(losses["loss_box"], torch.tensor(0.25))
+    # Centerness: BCE at logit 0 is ln 2 for any target, so (ln 2 + ln 2) / 2 = ln 2.
+    assert_close(losses["loss_ctr"], torch.tensor(math.log(2)))
+    # Class: at logit 0, p = 1/2, so each focal term is alpha_t * (1/2)^2 * ln 2, alpha_t 0.25 for the two
+    # foreground locations (target 1) and 0.75 for the background one: (0.25 + 0.25 + 0.75) / 4 * ln 2
+    # = 0.3125 ln 2 in all, over 2 foreground locations: 0.15625 ln 2.
+    assert_close(losses["loss_cls"], torch.tensor(0.15625 * math.log(2)))
+    empty = fcos_losses(matched[:, 2:], targets[:, 2:], cls_logits[:, 2:], pred[:, 2:], ctr_logits[:, 2:])
+    assert empty["loss_box"] == 0 and empty["loss_ctr"] == 0  # no foreground at all: zero, not NaN
 
 
 @pytest.mark.parametrize("label", [5.0, 7.0, -2.0, -1.0, 1.5])
@@ -548,7 +486,7 @@ def test_p2_size_ranges_hand_worked():
 
 
 def test_fcos_with_p2_trains_and_predicts_at_stride_4():
-    fcos = FCOS(5, 16, [16], pretrained=False, fpn_levels=("p2", "p3", "p4", "p5"))
+    fcos = improved_fcos(5, 16, [16], pretrained=False, fpn_levels=("p2", "p3", "p4", "p5"))
     assert fcos.pred_net.scales.shape == (4,)  # one learnable scale per level
     images = torch.rand(2, 3, 64, 64)
     gt = torch.stack([_padded([[8, 8, 18, 20, 1], [20, 12, 60, 60, 3]], 2), _padded([], 2)])
@@ -563,11 +501,6 @@ def test_fcos_with_p2_trains_and_predicts_at_stride_4():
     assert [len(v) for v in locations.values()] == [256, 64, 16, 4]
     detections = fcos.predict(images, score_thresh=0.0)
     assert all(0 < len(d["boxes"]) <= fcos.max_detections for d in detections)
-
-
-def test_fcos_refuses_unknown_matching_at_construction():
-    with pytest.raises(ValueError, match="matching must be 'fcos' or 'atss', got 'nearest'"):
-        FCOS(5, 16, [16], pretrained=False, matching="nearest")
 
 
 def test_object_balance_weights_hand_worked():
@@ -587,19 +520,22 @@ def test_object_balance_weights_hand_worked():
     assert_close(half[0, :5], scale * torch.tensor([1, 0.5, 0.5, 0.5, 0.5]))
     assert_close(half[1, :2], scale * torch.tensor([1 / math.sqrt(2)] * 2))
     assert_close(fcos_object_balance_weights(matched, gt, 0.0), (matched[..., 4] >= 0).float())  # FCOS's
-    assert (fcos_object_balance_weights(matched[:, :, :], gt[:, :0], 1.0) == 0).all()  # no rows at all
+    no_rows = fcos_object_balance_weights(torch.full((2, 7, 5), -1.0), gt[:, :0], 1.0)  # no rows at all
+    assert no_rows.shape == (2, 7) and (no_rows == 0).all()
 
 
 def test_foreground_weights_scale_each_foreground_term_hand_computed():
-    # Two foreground locations (L1 box terms 0 and 0.5, as in the centerness test) and one background
+    # Two foreground locations (L1 box terms 0 and 0.5, as in the L1 test) and one background
     # location. Weights 0.5 and 1.5 (they add up to the 2 foreground locations).
     targets = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 1], [-1.0, -1, -1, -1]]])
     matched = torch.tensor([[[0.0, 0, 16, 16, 0], [0.0, 0, 32, 32, 0], [-1.0, -1, -1, -1, -1]]])
     pred = torch.tensor([[[1.0, 1, 1, 1], [1.0, 3, 3, 3], [5.0, 5, 5, 5]]])
     cls_logits, ctr_logits = torch.tensor([[[2.0], [-1.0], [0.5]]]), torch.zeros(1, 3)
     weights = torch.tensor([[0.5, 1.5, 0.0]])
-    plain = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1")
-    weighted = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss="l1", foreground_weights=weights)
+    plain = fcos_losses(matched, targets, cls_logits, pred, ctr_logits, box_loss=fcos_l1_loss)
+    weighted = fcos_losses(
+        matched, targets, cls_logits, pred, ctr_logits, box_loss=fcos_l1_loss, foreground_weights=weights
+    )
     # Box: (0.5 * 0 + 1.5 * 0.5) / 2 = 0.375 (unweighted 0.25).
     assert_close(weighted["loss_box"], torch.tensor(0.375))
     # Centerness targets 1 and 1/3 at logit 0: BCE is ln 2 for both, so (0.5 + 1.5) ln 2 / 2 = ln 2, as unweighted.
@@ -615,5 +551,5 @@ def test_fcos_defaults_balance_objects_and_feed_c2_into_p3():
     fcos = FCOS(5, 16, [16], pretrained=False)
     assert fcos.object_balance == 0.5 and fcos.backbone.fine_p3
     assert "backbone.fpn_params.c2_to_p3.weight" in fcos.state_dict()
-    course = FCOS(5, 16, [16], pretrained=False, **COURSE_FCOS)
+    course = course_fcos(5, 16, [16], pretrained=False)
     assert course.object_balance == 0.0 and "fpn_params.c2_to_p3.weight" not in course.backbone.state_dict()

@@ -12,7 +12,7 @@ from roi_align import multi_level_roi_align, roi_align
 
 
 def test_roi_align_is_re_exported_by_two_stage_detector():
-    assert two_stage_detector.roi_align is roi_align  # one definition, the README imports it from there
+    assert two_stage_detector.roi_align is roi_align  # one definition, which the docs import from there
 
 
 def test_roi_align_hand_computed():

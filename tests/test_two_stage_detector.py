@@ -684,9 +684,9 @@ def test_rpn_returns_first_stage_metrics():
 
 
 def test_init_from_fcos_copies_backbone_and_head_and_collapses_classes():
-    from one_stage_detector import FCOS
+    from one_stage_detector import improved_fcos
 
-    fcos = FCOS(3, 16, [16], pretrained=False, fine_p3=False)  # the backbone of _fcos_faster_rcnn
+    fcos = improved_fcos(3, 16, [16], pretrained=False, fine_p3=False)  # the backbone of _fcos_faster_rcnn
     with torch.no_grad():
         for p in fcos.parameters():
             p.normal_()  # no tensor equals a fresh initialisation by chance
@@ -708,9 +708,9 @@ def test_init_from_fcos_copies_backbone_and_head_and_collapses_classes():
 
 
 def test_init_from_fcos_with_anchor_rpn_copies_the_backbone_only():
-    from one_stage_detector import FCOS
+    from one_stage_detector import improved_fcos
 
-    state = FCOS(3, 16, [16], pretrained=False, fine_p3=False).state_dict()
+    state = improved_fcos(3, 16, [16], pretrained=False, fine_p3=False).state_dict()
     model = small_faster_rcnn(fpn_channels=16)
     rpn_before = {k: v.clone() for k, v in model.rpn.state_dict().items()}
     copied = tsd.init_from_fcos(model, state)
@@ -718,7 +718,7 @@ def test_init_from_fcos_with_anchor_rpn_copies_the_backbone_only():
     assert all(torch.equal(model.rpn.state_dict()[k], v) for k, v in rpn_before.items())
     with pytest.raises(ValueError, match="do not fit"):
         tsd.init_from_fcos(small_faster_rcnn(fpn_channels=8), state)
-    with_c2 = FCOS(3, 16, [16], pretrained=False).state_dict()  # the default feeds c2 into p3: one more conv
+    with_c2 = improved_fcos(3, 16, [16], pretrained=False).state_dict()  # the default feeds c2 into p3: one more conv
     with pytest.raises(ValueError, match="c2_to_p3.*fine_p3"):
         tsd.init_from_fcos(model, with_c2)
     with pytest.raises(ValueError, match="FCOS state dict"):
