@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -553,3 +555,15 @@ def test_fcos_defaults_balance_objects_and_feed_c2_into_p3():
     assert "backbone.fpn_params.c2_to_p3.weight" in fcos.state_dict()
     course = course_fcos(5, 16, [16], pretrained=False)
     assert course.object_balance == 0.0 and "fpn_params.c2_to_p3.weight" not in course.backbone.state_dict()
+
+
+def test_the_docs_example_of_fcos_from_parts_builds_the_default_twice():
+    """docs/python_api.md, 'FCOS from parts': the hand-built parts are today's default."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    section = open(os.path.join(root, "docs", "python_api.md")).read().split("## FCOS from parts", 1)[1]
+    namespace = {}
+    exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1), "docs/python_api.md", "exec"), namespace)
+    default, same = namespace["default"], namespace["same"]
+    assert default.state_dict().keys() == same.state_dict().keys()
+    assert (default.matcher, default.box_loss, default.object_balance) == (same.matcher, same.box_loss, 0.5)
+    assert namespace["course"].box_loss is fcos_l1_loss and len(namespace["with_p2"].backbone.levels) == 4
