@@ -11,7 +11,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 from common import (
     BACKGROUND,
@@ -338,6 +337,37 @@ def fcos_l1_loss(pred_deltas: torch.Tensor, target_deltas: torch.Tensor) -> torc
     # END SOLUTION
 
 
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet, Lin et al. 2017, eq. 5, the alpha-balanced form) of every element.
+
+    With ``p = sigmoid(logit)``, ``p_t = p`` where the target is 1 and ``1 - p`` where it is 0, and
+    ``alpha_t = alpha`` where it is 1 and ``1 - alpha`` where it is 0::
+
+        FL(p_t) = -alpha_t * (1 - p_t) ** gamma * log(p_t)
+
+    ``-log(p_t)`` is the binary cross-entropy of the logit, computed from the logit (stable for large
+    ones). The factor ``(1 - p_t) ** gamma`` shrinks the loss of the many easy, well-classified
+    elements (background locations); ``gamma = 0`` and ``alpha = 0.5`` give half the cross-entropy.
+    Equal to ``torchvision.ops.sigmoid_focal_loss(..., reduction="none")`` (values and gradients).
+
+    Args:
+        logits: any shape; targets: the same shape, 1 for the class present and 0 elsewhere.
+        alpha: weight of the positive (target 1) terms, ``1 - alpha`` of the others.
+        gamma: the focusing exponent.
+    Returns:
+        The loss of each element, the shape of ``logits`` (no reduction).
+    """
+    # BEGIN SOLUTION
+    p = torch.sigmoid(logits)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # -log(p_t)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * (cross_entropy * (1 - p_t) ** gamma)
+    # END SOLUTION
+
+
 # A box loss: (N, 4) predicted and (N, 4) target LTRB deltas -> (N,) loss of each pair.
 BoxLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A matching rule: (locations per level, strides per level, gt_boxes) -> matched GT row per level.
@@ -424,7 +454,7 @@ def fcos_losses(
         pred_boxreg_deltas: (B, HW, 4); pred_ctr_logits: (B, HW).
         box_loss: the loss of each foreground location's box, ``fcos_l1_loss`` (the course's) or
             ``fcos_giou_loss``.
-        focal_alpha, focal_gamma: sigmoid focal loss parameters (RetinaNet's defaults).
+        focal_alpha, focal_gamma: ``sigmoid_focal_loss`` parameters (RetinaNet's defaults).
         foreground_weights: (B, HW) weights of each foreground location's class, box and centerness
             terms (``fcos_object_balance_weights``), or ``None`` for 1 each. Background terms keep weight 1.
     Returns:
@@ -528,7 +558,7 @@ class FCOS(nn.Module):
             location is not outweighed nine to one by a larger neighbour. ``0`` is FCOS, ``1`` makes
             every object count once. On the benchmark ``0.5`` raised mAP@0.5 with ``fine_p3`` from 0.588
             to 0.624; ``1`` gave about the same mAP@0.5 but a lower COCO mAP.
-        focal_alpha, focal_gamma: sigmoid focal loss parameters (RetinaNet's defaults).
+        focal_alpha, focal_gamma: ``sigmoid_focal_loss`` parameters (RetinaNet's defaults).
         topk_candidates: per level, the most confident (location, class) pairs kept before NMS
             (1000 in the FCOS paper).
         max_detections: detections per image after NMS (100 as in COCO evaluation).

@@ -82,6 +82,12 @@ class RPNPredictionNetwork(nn.Module):
     """RPN head shared by all FPN levels (Faster R-CNN 3.1): a conv stem, then two 1x1 convs that
     give one objectness logit and four box deltas per anchor.
 
+    Attributes (the tests and the RPN's checkpoints look for these names): ``stem_rpn``, the stem
+    (``nn.Sequential`` of 3x3 convs, each with its ReLU: ``common.conv_stem``); ``pred_obj``, the 1x1
+    conv of the objectness logits (A channels, anchor ``a`` on channel ``a``); ``pred_box``, the 1x1
+    conv of the box deltas (4A channels, anchor ``a``'s four on channels ``4a`` to ``4a + 3``);
+    ``num_anchors``, A.
+
     Args:
         in_channels: FPN channels C.
         stem_channels: channels of each 3x3 conv of the stem, e.g. ``[64, 64]``.
@@ -512,6 +518,12 @@ class FasterRCNN(nn.Module):
 
     The head's class index K is background (as in detectron2), so GT classes 0..K-1 are used as
     they are. Box deltas are class specific, (R, K*4), and weighted by ``box_reg_weights``.
+
+    Attributes (the tests and the checkpoints look for these names): ``backbone`` and ``rpn``, the
+    modules passed in (the RPN's head is ``rpn.pred_net``); the second stage's ``roi_stem`` (3x3
+    convs on the RoI features), ``roi_fc`` (the fully connected layers, empty in the course's head),
+    ``cls_pred`` (``nn.Linear`` to the K + 1 class logits, background last) and ``box_pred``
+    (``nn.Linear`` to the K * 4 class-specific box deltas); ``_head`` runs these four on RoI features.
 
     Args:
         backbone: a ``common.DetectorBackboneWithFPN`` (``.out_channels``, ``.fpn_strides``).

@@ -1,6 +1,7 @@
 """The autograder (tools/grade.py): each test grades only one to three parts, through the script itself."""
 
 import ast
+import csv
 import importlib.util
 import json
 import os
@@ -10,6 +11,21 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADE = os.path.join(ROOT, "tools", "grade.py")
+MARKED = ("common.py", "one_stage_detector.py", "two_stage_detector.py")
+HIDDEN = " (hidden tests)"
+
+
+def grade_module():
+    spec = importlib.util.spec_from_file_location("grade", GRADE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def part(tests, name):
+    """``(score, max score)`` of a part over its entries (its public tests, and its hidden tests if any)."""
+    found = [tests[key] for key in (name, name + HIDDEN) if key in tests]
+    return round(sum(t["score"] for t in found), 2), round(sum(t["max_score"] for t in found), 2)
 
 
 def grade(*args, cwd=None):
@@ -50,19 +66,95 @@ def submission_with_iou_starting_with(tmp_path, statement: str) -> str:
 def test_a_broken_function_loses_its_part_only(tmp_path):
     repo = submission_with_iou_starting_with(tmp_path, 'raise NotImplementedError("iou")')
     tests, results = graded(tmp_path, "--repo", repo, "--parts", "iou,locations")
-    assert tests["iou"]["score"] == 0
+    assert part(tests, "iou") == (0, 5)
     assert "NotImplementedError" in tests["iou"]["output"] and "test_iou_sanity_values" in tests["iou"]["output"]
     assert len(tests["iou"]["output"]) <= 2100
-    assert tests["locations"]["score"] == tests["locations"]["max_score"] == 5
+    assert part(tests, "locations") == (5, 5)
     assert results["score"] == 5 and results["max_score"] == 10
+    # The hidden test is named in its own entry only, which students see once grades are published.
+    hidden_name = "test_iou_of_touching_and_nested_boxes"
+    assert hidden_name in tests["iou" + HIDDEN]["output"] and hidden_name not in tests["iou"]["output"]
+    assert tests["iou" + HIDDEN]["visibility"] == "after_published" and tests["iou"]["visibility"] == "visible"
+    assert (tests["iou"]["max_score"], tests["iou" + HIDDEN]["max_score"]) == (3.33, 1.67)  # 2 tests and 1
+    assert results["stdout_visibility"] == "hidden"
 
 
 def test_a_hanging_function_times_out_and_loses_its_part_only(tmp_path):
     repo = submission_with_iou_starting_with(tmp_path, "while True: pass")
     tests, _ = graded(tmp_path, "--repo", repo, "--parts", "iou,locations", "--time-limit", "20")
-    assert tests["iou"]["score"] == 0
+    assert part(tests, "iou") == (0, 5)
     assert "timed out" in tests["iou"]["output"]
-    assert tests["locations"]["score"] == tests["locations"]["max_score"] == 5
+    assert part(tests, "locations") == (5, 5)
+
+
+def test_the_total_time_limit_gives_0_with_a_note_and_still_writes_results(tmp_path):
+    tests, results = graded(tmp_path, "--parts", "iou,locations,nms", "--jobs", "1", "--total-time-limit", "0.5")
+    assert "ran out while it ran" in tests["iou"]["output"]  # started, then stopped at the limit
+    assert all("not started" in tests[name]["output"] for name in ("locations", "locations" + HIDDEN, "nms"))
+    assert all(test["score"] == 0 for test in tests.values()) and results["score"] == 0
+    assert results["max_score"] == 15
+
+
+def test_submissions_folder_gives_a_csv_gradebook(tmp_path):
+    """One subfolder per student: the solution's files at the top, the release's one folder down."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import make_assignment
+
+    release = tmp_path / "release"
+    make_assignment.make_release(release)
+    submissions = tmp_path / "submissions"
+    (submissions / "alice").mkdir(parents=True)
+    (submissions / "bob" / "my-a4").mkdir(parents=True)
+    for name in MARKED:
+        shutil.copy2(os.path.join(ROOT, name), submissions / "alice" / name)
+        shutil.copy2(release / name, submissions / "bob" / "my-a4" / name)
+    out = tmp_path / "grades.csv"
+    proc = grade("--submissions", str(submissions), "--parts", "locations,iou", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["submission"]: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"alice", "bob"}
+    assert [rows["alice"][key] for key in ("locations", "iou", "total", "max_score")] == ["5", "5", "10", "10"]
+    assert [rows["bob"][key] for key in ("locations", "iou", "total")] == ["0", "0", "0"]
+
+
+def test_a_parts_forbidden_list_reaches_its_pytest_process(monkeypatch):
+    module = grade_module()
+    monkeypatch.setenv("A4_FORBIDDEN", "set.outside")  # never passed on from the grader's own environment
+    env = module.pytest_env({"name": "nms", "forbidden": ["torchvision.ops.nms", "torchvision.ops.box_iou"]})
+    assert env["A4_FORBIDDEN"] == "torchvision.ops.nms,torchvision.ops.box_iou"
+    assert "A4_FORBIDDEN" not in module.pytest_env({"name": "iou"})
+
+
+def test_points_split_between_public_and_hidden_tests_by_their_numbers():
+    module = grade_module()
+    assert module.split_points(5, 3, 1) == (3.75, 1.25)
+    assert module.split_points(5, 2, 1) == (3.33, 1.67)
+    assert module.split_points(10, 4, 0) == (10, 0)
+    assert 1 <= module.default_jobs() <= (os.cpu_count() or 1)
+
+
+def test_output_students_see_right_away_never_names_a_hidden_test():
+    """A crash's log goes into the public entry: the hidden tests' names, files and modules are taken out."""
+    module = grade_module()
+    node = "tests/hidden/test_hidden.py::test_iou_of_touching_and_nested_boxes"
+    log = "tests/hidden/test_hidden.py:12: in test_iou_of_touching_and_nested_boxes (tests.hidden.test_hidden)"
+    assert module.redact(log, [node]) == "<hidden test>:12: in <hidden test> (<hidden test>)"
+
+
+def test_the_marked_files_are_found_at_the_top_or_one_folder_down(tmp_path):
+    module = grade_module()
+    assert module.marked_files(module.load_parts()) == list(MARKED)
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "common.py").write_text("junk")
+    (tmp_path / "repo").mkdir()
+    for name in MARKED:
+        (tmp_path / "repo" / name).write_text("x = 1\n")
+    (tmp_path / "common.py").write_text("x = 2\n")
+    found = module.find_submitted(tmp_path, list(MARKED))
+    assert found == {"common.py": tmp_path / "common.py", **{n: tmp_path / "repo" / n for n in MARKED[1:]}}
+    (tmp_path / "repo" / "common.py").write_text("def f(:\n")
+    assert "not valid Python" in module.python_problem(tmp_path / "repo" / "common.py")
+    assert module.python_problem(tmp_path / "common.py") is None
 
 
 def test_usage_errors_exit_with_status_2(tmp_path):
@@ -74,9 +166,7 @@ def test_usage_errors_exit_with_status_2(tmp_path):
 
 
 def test_junit_counting_fails_skips_and_errors(tmp_path):
-    spec = importlib.util.spec_from_file_location("grade", GRADE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = grade_module()
     junit = tmp_path / "junit.xml"
     junit.write_text(
         "<testsuites><testsuite>"

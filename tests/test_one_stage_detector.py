@@ -30,6 +30,7 @@ from one_stage_detector import (
     fcos_match_locations_to_gt,
     fcos_object_balance_weights,
     improved_fcos,
+    sigmoid_focal_loss,
 )
 
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
@@ -524,6 +525,21 @@ def test_object_balance_weights_hand_worked():
     assert_close(fcos_object_balance_weights(matched, gt, 0.0), (matched[..., 4] >= 0).float())  # FCOS's
     no_rows = fcos_object_balance_weights(torch.full((2, 7, 5), -1.0), gt[:, :0], 1.0)  # no rows at all
     assert no_rows.shape == (2, 7) and (no_rows == 0).all()
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.6, 1.5), (0.5, 0.0)])
+def test_sigmoid_focal_loss_equals_torchvision_values_and_gradients(alpha, gamma):
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 300, 5, generator=generator)).requires_grad_()
+    targets = (torch.rand(2, 300, 5, generator=generator) < 0.2).float()
+    ours = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
+    theirs = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+    assert ours.shape == logits.shape
+    assert_close(ours, theirs)
+    upstream = torch.rand(ours.shape, generator=generator)  # a weighted sum, so every element's gradient counts
+    (ours_grad,) = torch.autograd.grad(ours, logits, upstream)
+    (theirs_grad,) = torch.autograd.grad(theirs, logits, upstream)
+    assert_close(ours_grad, theirs_grad)
 
 
 def test_foreground_weights_scale_each_foreground_term_hand_computed():
