@@ -32,6 +32,11 @@
 # Every "sanity" cell first asserts and only then prints: if a cell finishes, its check passed.
 
 # %%
+# Edited modules are reloaded before each cell runs, so a fix in a .py file counts at once.
+# %load_ext autoreload
+# %autoreload 2
+
+# %%
 import os
 import sys
 from pathlib import Path
@@ -86,6 +91,9 @@ from IPython.display import display  # noqa: E402
 import a4_helper  # noqa: E402
 import experiment  # noqa: E402
 import notebook_kit  # noqa: E402
+
+# The check of each part you write: check("iou") runs its public tests (check.py).
+from check import check  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou, nms  # noqa: E402
 from one_stage_detector import (  # noqa: E402
     FCOS,
@@ -251,6 +259,10 @@ for ax, (level, level_locations) in zip(axes, IMAGE_LOCATIONS.items()):
     ax.set_title(f"{level}: stride {STRIDES[level]}, {len(level_locations)} locations")
 show(figure)
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("locations")
+
 # %% [markdown]
 # ## The prediction head
 #
@@ -285,6 +297,10 @@ for level in dummy_feats:
         f"centerness {tuple(centerness_logits[level].shape)}"
     )
 print(f"mean initial class probability: {initial_probability:.4f}")
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("fcos_head")
 
 # %% [markdown]
 # ## Which location learns which box
@@ -348,6 +364,10 @@ for ax, (level, rows) in zip(axes, matched.items()):
     ax.set_title(f"{level}: {int(foreground.sum())} matched\n(farthest side {low}-{high:g} px)")
 show(figure)
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("fcos_matching")
+
 # %% [markdown]
 # ## Box targets: distances to the four sides
 #
@@ -380,6 +400,10 @@ torch.testing.assert_close(background_box, torch.tensor([[100.0, 200.0, 100.0, 2
 print("deltas:\n", fcos_deltas)
 print("round trip rel. error:", a4_helper.rel_error(round_trip, gt_example[:, :4]))
 print("background deltas:", background_deltas.tolist(), "-> box", background_box.tolist())
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("fcos_deltas")
 
 # %% [markdown]
 # ## Centerness
@@ -419,6 +443,10 @@ for ax, (level, stride) in zip(axes, STRIDES.items()):
     ax.set_title(f"{level}: centerness targets")
 figure.colorbar(shown, ax=axes, shrink=0.8)
 show(figure)
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("centerness")
 
 # %% [markdown]
 # ## Overlap and duplicate removal: IoU and NMS
@@ -465,14 +493,20 @@ for threshold in (0.3, 0.5, 0.7):
         f"({len(ours_per_class)} when NMS runs per class)"
     )
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("iou")
+check("nms")
+
 # %% [markdown]
 # ## The losses
 #
 # FCOS's loss (Sec. 3.1, eq. 2) has three terms, each summed over locations and divided by the number of
 # foreground locations:
 #
-# - **classification**: sigmoid focal loss (RetinaNet Sec. 3) over all locations; it down-weights the
-#   easy background locations that would otherwise dominate;
+# - **classification**: sigmoid focal loss (RetinaNet Sec. 3, eq. 5) over all locations; it down-weights
+#   the easy background locations that would otherwise dominate. You write it too (`sigmoid_focal_loss`;
+#   torchvision's own is off limits while this part is graded);
 # - **box regression**: on foreground locations only (L1 on the stride-normalised distances, as in the
 #   course; the section "What came after the paper" turns to GIoU);
 # - **centerness**: binary cross-entropy towards the centerness target, on foreground locations only.
@@ -499,6 +533,10 @@ assert no_objects["loss_box"] == 0 and no_objects["loss_ctr"] == 0
 print("untrained losses:", {name: round(value.item(), 4) for name, value in losses.items()})
 print("images without objects:", {name: round(value.item(), 4) for name, value in no_objects.items()})
 
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("fcos_losses")
 
 # %% [markdown]
 # ## Overfit a small subset first
@@ -592,6 +630,10 @@ show(a4_helper.plot_loss_history(fcos_history, path=FCOS_DIR / "losses.png"))
 
 # %%
 show_predictions(fcos, val_set, range(8), PICTURE_SCORE, title="FCOS: held-out images")
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("fcos_inference")
 
 # %% [markdown]
 # ## Mean average precision

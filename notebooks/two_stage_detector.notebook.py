@@ -34,6 +34,11 @@
 # Every "sanity" cell first asserts and only then prints: if a cell finishes, its check passed.
 
 # %%
+# Edited modules are reloaded before each cell runs, so a fix in a .py file counts at once.
+# %load_ext autoreload
+# %autoreload 2
+
+# %%
 import math
 import os
 import sys
@@ -91,6 +96,9 @@ import common  # noqa: E402
 import experiment  # noqa: E402
 import notebook_kit  # noqa: E402
 import two_stage_detector  # noqa: E402
+
+# The check of each part you write: check("anchors") runs its public tests (check.py).
+from check import check  # noqa: E402
 from common import DetectorBackboneWithFPN, class_spec_nms, get_fpn_location_coords, hello_common, iou  # noqa: E402
 from one_stage_detector import course_fcos  # noqa: E402
 from two_stage_detector import (  # noqa: E402
@@ -205,6 +213,10 @@ for level, feats in dummy_feats.items():
         f"box deltas {tuple(rpn_deltas[level].shape)}"
     )
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("rpn_head")
+
 # %% [markdown]
 # ## Anchors
 #
@@ -288,6 +300,10 @@ for ax, (level, stride) in zip(axes, STRIDES.items()):
 axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1))
 show(figure)
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("anchors")
+
 # %% [markdown]
 # ## IoU
 #
@@ -362,6 +378,10 @@ for ax, rows, title in [
     ax.set_title(f"{min(len(rows), 6)} of {len(rows)} {title}")
 show(figure)
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("anchor_matching")
+
 # %% [markdown]
 # ## Box deltas
 #
@@ -414,6 +434,10 @@ print("round trip rel. error:", a4_helper.rel_error(round_trip, gt_example[:, :4
 print("background deltas:", background_deltas.tolist())
 print("a wild dw = dh = 50 decodes, clamped, to", decoded[0].tolist(), "and leaves its input untouched")
 
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("rcnn_deltas")
+
 # %% [markdown]
 # ## The RPN module
 #
@@ -461,6 +485,10 @@ print("untrained RPN losses:", {k: round(v.item(), 4) for k, v in rpn_output.ite
 print("proposals per image:", [len(p) for p in rpn_output["proposals"]])
 print("images without objects:", {k: round(v.item(), 4) for k, v in empty.items() if k.startswith("loss")})
 
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("rpn")
 
 # %% [markdown]
 # ## Train the first stage alone
@@ -648,6 +676,11 @@ for threshold in (0.3, 0.5, 0.7):
     theirs = torchvision.ops.batched_nms(random_boxes, random_scores, random_classes, threshold)
     assert torch.equal(ours, theirs)
     print(f"IoU threshold {threshold}: per-class NMS keeps the same {len(ours)} of 5000 boxes as torchvision")
+
+# %%
+# The part's public tests, as the grader runs them: points, and what each failed test expected.
+check("roi_sampling")
+check("second_stage")
 
 # %% [markdown]
 # ## Overfit a small subset with the whole detector

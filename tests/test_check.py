@@ -1,0 +1,74 @@
+"""check.py: a student checks one part with its public tests, and sees the expected and actual values."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import check  # noqa: E402
+
+
+def _copy_with_iou_body(tmp_path: Path, body: str) -> Path:
+    """A copy of the repository's modules, tools/ and tests/ where ``common.iou`` is ``body``."""
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for path in ROOT.glob("*.py"):
+        shutil.copy2(path, copy / path.name)
+    shutil.copy2(ROOT / "pytest.ini", copy / "pytest.ini")
+    for folder in ("tools", "tests"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__", "hidden"))
+    source = (copy / "common.py").read_text()
+    [node] = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "iou"]
+    lines = source.splitlines(keepends=True)
+    first = node.body[1] if isinstance(node.body[0], ast.Expr) else node.body[0]  # after the docstring
+    indent = " " * first.col_offset
+    lines[first.lineno - 1 : node.end_lineno] = [indent + line + "\n" for line in body.splitlines()]
+    (copy / "common.py").write_text("".join(lines))
+    return copy
+
+
+def _check_in(repo: Path, part: str) -> str:
+    finished = subprocess.run(
+        [sys.executable, "check.py", part], cwd=repo, capture_output=True, text=True, timeout=300, check=True
+    )
+    return finished.stdout
+
+
+def test_a_written_part_gets_its_points(capsys):
+    earned, points = check.check("iou")
+    assert earned == points == 5
+    assert capsys.readouterr().out.splitlines() == ["iou: 5/5 points (2/2 tests passed)"]
+
+
+def test_a_wrong_part_shows_the_expected_and_the_actual_values(tmp_path):
+    # IoU over the smaller box instead of the union: the sanity values' off-diagonal entries come out too big.
+    body = (
+        "area1, area2 = box_area(boxes1), box_area(boxes2)\n"
+        "lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])\n"
+        "rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])\n"
+        "inter = (rb - lt).clamp(min=0).prod(dim=2)\n"
+        "return inter / torch.minimum(area1[:, None], area2[None, :]).clamp(min=1e-9)"
+    )
+    out = _check_in(_copy_with_iou_body(tmp_path, body), "iou")
+    assert out.startswith("iou: 2.5/5 points (1/2 tests passed)")
+    assert "FAILED test_iou_sanity_values" in out
+    # pytest's explanation, with the values: the largest error 0.9375 (1 against 0.0625) and an expected 0.0526
+    assert "0.9375" in out and "0.0625" in out and "0.0526" in out
+
+
+def test_a_stub_is_named_in_one_line(tmp_path):
+    body = 'raise NotImplementedError("common.iou is yours to write; a step explains it. Replace this line.")'
+    out = _check_in(_copy_with_iou_body(tmp_path, body), "iou")
+    assert out.startswith("iou: 0/5 points (0/2 tests passed)")
+    assert "not written yet: common.iou is yours to write" in out
+
+
+def test_an_unknown_part_names_the_parts():
+    with pytest.raises(ValueError, match="no part named 'ious'; the parts are: locations, fcos_head"):
+        check.check("ious")
