@@ -16,23 +16,24 @@ is shown with pytest's explanation (the expected and the actual values); a part 
 named in one line. The grader also runs instructor-only tests, so full marks here are necessary, not
 sufficient.
 
-Imports: the standard library only (pytest runs in the child process).
+Imports: the standard library and ``tools/grade.py`` (pytest runs in the child process).
 """
 
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import List, Tuple
-from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+import grade  # noqa: E402  (the grader's own pytest run and reading of its report)
+
 PARTS_FILE = ROOT / "tools" / "parts.json"
 STUB_MARK = "is yours to write"  # the words of a stub's NotImplementedError (tools/make_assignment.py)
 MAX_LINES = 12  # explanation lines shown per failed test
+TIME_LIMIT_S = 300  # a part's tests, as the grader's default
 
 
 def load_parts(path: Path = PARTS_FILE) -> List[dict]:
@@ -40,36 +41,10 @@ def load_parts(path: Path = PARTS_FILE) -> List[dict]:
     return [part for part in json.loads(path.read_text())["parts"] if part["points"] > 0]
 
 
-def _run_tests(part: dict, junit: Path) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key != "PYTEST_ADDOPTS"}
-    env["A4_FORBIDDEN"] = ",".join(part.get("forbidden", []))  # the operators this part must not call
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    command += ["--tb=short", f"--junitxml={junit}", *part["tests"]]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-
-
-def _explanation(failure: ElementTree.Element) -> List[str]:
-    """What a failed test's report says: a stub in one line, else pytest's ``E`` lines (expected, actual)."""
-    text = (failure.get("message") or "") + "\n" + (failure.text or "")
-    stub = re.search(rf"NotImplementedError: (\S+ {STUB_MARK}[^\n]*)", text)
-    if stub:
-        return [f"not written yet: {stub.group(1)}"]
-    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
-    lines = lines or [line for line in (failure.get("message") or "").splitlines() if line.strip()]
-    return lines[:MAX_LINES] + (["..."] if len(lines) > MAX_LINES else [])
-
-
-def _results(junit: Path) -> Tuple[int, int, List[Tuple[str, List[str]]]]:
-    """``(passed, run, [(test name, explanation lines)])``; a skipped test counts as not passed."""
-    passed, run, failures = 0, 0, []
-    for case in ElementTree.parse(junit).getroot().iter("testcase"):
-        run += 1
-        bad = [child for child in case if child.tag in ("failure", "error", "skipped")]
-        if bad:
-            failures.append((case.get("name", "?"), _explanation(bad[0])))
-        else:
-            passed += 1
-    return passed, run, failures
+def _explanation(message: str) -> List[str]:
+    """What a failed test's report says: a stub in one line, else pytest's explanation (expected, actual)."""
+    stub = re.search(rf"NotImplementedError: (\S+ {STUB_MARK}[^\n]*)", message)
+    return [f"not written yet: {stub.group(1)}"] if stub else grade.explanation(message, MAX_LINES)
 
 
 def check(name: str, verbose: bool = True) -> Tuple[float, float]:
@@ -86,19 +61,20 @@ def check(name: str, verbose: bool = True) -> Tuple[float, float]:
         raise ValueError(f"no part named {name!r}; the parts are: {', '.join(parts)}")
     part = parts[name]
     with tempfile.TemporaryDirectory(prefix="check-") as tmp:
-        junit = Path(tmp) / "junit.xml"
-        finished = _run_tests(part, junit)
-        if not junit.is_file():  # pytest itself failed: show why
+        junit, log = Path(tmp) / "junit.xml", Path(tmp) / "pytest.log"
+        # The grader's environment, so the part's forbidden operators raise here too.
+        grade.run_pytest(ROOT, part["tests"], junit, log, TIME_LIMIT_S, env=grade.pytest_env(part))
+        if not junit.is_file():  # pytest itself failed or ran too long: show why
             print(f"{name}: 0/{part['points']} points; pytest could not run the tests:")
-            print("\n".join(finished.stdout.splitlines()[-MAX_LINES:]))
+            print("\n".join(log.read_text(errors="replace").splitlines()[-MAX_LINES:]))
             return 0.0, float(part["points"])
-        passed, run, failures = _results(junit)
+        passed, run, failures = grade.read_junit(junit)
     earned = round(part["points"] * passed / run, 2) if run else 0.0
     print(f"{name}: {earned:g}/{part['points']} points ({passed}/{run} tests passed)")
     if verbose:
-        for test, lines in failures:
-            print(f"  FAILED {test}")
-            for line in lines:
+        for test, message in failures:
+            print(f"  FAILED {test.split('::')[-1]}")
+            for line in _explanation(message):
                 print(f"      {line}")
     return earned, float(part["points"])
 

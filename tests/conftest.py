@@ -25,8 +25,10 @@ torchvision's own frames) is in one of the project's top-level modules; a call f
 ``monkeypatch`` ones, undone after each test. An unknown name stops the session before any test runs.
 """
 
+import ast
 import importlib
 import os
+import shutil
 import sys
 import types
 from xml.etree import ElementTree
@@ -185,6 +187,34 @@ def _forbidden_operators(monkeypatch):
         for namespace, attribute in _places_holding(genuine):
             monkeypatch.setattr(namespace, attribute, _ForbiddenOperator(name, getattr(namespace, attribute)))
     yield
+
+
+def copy_of_the_repository(destination) -> str:
+    """The top-level modules, tools/, tests/ (without the hidden ones) and pytest.ini of this repository,
+    copied to ``destination``, for a test that changes a student's function and runs pytest there."""
+    os.makedirs(destination)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(destination, name))
+    for folder in ("tools", "tests"):
+        ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "hidden")
+        shutil.copytree(os.path.join(ROOT, folder), os.path.join(destination, folder), ignore=ignore)
+    shutil.copy2(os.path.join(ROOT, "pytest.ini"), os.path.join(destination, "pytest.ini"))
+    return str(destination)
+
+
+def replace_body(repo, module: str, function: str, body: str) -> None:
+    """Replace the body of the top-level ``function`` of ``module`` in ``repo`` (its docstring kept) by
+    ``body``, one or more lines of code."""
+    path = os.path.join(repo, module + ".py")
+    with open(path) as f:
+        source = f.read()
+    [node] = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function]
+    first = node.body[1] if ast.get_docstring(node) is not None else node.body[0]
+    lines = source.splitlines(keepends=True)
+    lines[first.lineno - 1 : node.end_lineno] = [" " * first.col_offset + line + "\n" for line in body.splitlines()]
+    with open(path, "w") as f:
+        f.write("".join(lines))
 
 
 def gt_batch(rows_per_image, M: int = 5) -> torch.Tensor:

@@ -1,12 +1,11 @@
 """check.py: a student checks one part with its public tests, and sees the expected and actual values."""
 
-import ast
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_of_the_repository, replace_body
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,22 +14,10 @@ import check  # noqa: E402
 
 
 def _copy_with_iou_body(tmp_path: Path, body: str) -> Path:
-    """A copy of the repository's modules, tools/ and tests/ where ``common.iou`` is ``body``."""
-    copy = tmp_path / "repo"
-    copy.mkdir()
-    for path in ROOT.glob("*.py"):
-        shutil.copy2(path, copy / path.name)
-    shutil.copy2(ROOT / "pytest.ini", copy / "pytest.ini")
-    for folder in ("tools", "tests"):
-        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__", "hidden"))
-    source = (copy / "common.py").read_text()
-    [node] = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "iou"]
-    lines = source.splitlines(keepends=True)
-    first = node.body[1] if isinstance(node.body[0], ast.Expr) else node.body[0]  # after the docstring
-    indent = " " * first.col_offset
-    lines[first.lineno - 1 : node.end_lineno] = [indent + line + "\n" for line in body.splitlines()]
-    (copy / "common.py").write_text("".join(lines))
-    return copy
+    """A copy of the repository where ``common.iou`` is ``body``."""
+    repo = copy_of_the_repository(tmp_path / "repo")
+    replace_body(repo, "common", "iou", body)
+    return Path(repo)
 
 
 def _check_in(repo: Path, part: str) -> str:

@@ -3,14 +3,13 @@ part's list (tools/parts.json, as the grader sets it), a shortcut fails that par
 error (tests/conftest.py), while the same shortcut passes them with it unset, and the solution passes them with it
 set. Each check runs the part's tests in a pytest subprocess on a copy of the repository."""
 
-import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import copy_of_the_repository, replace_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = {part["name"]: part for part in json.load(open(os.path.join(ROOT, "tools", "parts.json")))["parts"]}
@@ -23,31 +22,6 @@ SHORTCUTS = {
 
 def forbidden_of(part: str) -> str:
     return ",".join(PARTS[part]["forbidden"])  # what the grader passes in A4_FORBIDDEN
-
-
-def copy_of_the_repository(destination) -> str:
-    """The top-level modules, tests/ and pytest.ini of this repository, copied to ``destination``."""
-    os.makedirs(destination)
-    for name in os.listdir(ROOT):
-        if name.endswith(".py"):
-            shutil.copy2(os.path.join(ROOT, name), os.path.join(destination, name))
-    ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache")
-    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(destination, "tests"), ignore=ignore)
-    shutil.copy2(os.path.join(ROOT, "pytest.ini"), os.path.join(destination, "pytest.ini"))
-    return str(destination)
-
-
-def replace_body(repo: str, module: str, function: str, statement: str) -> None:
-    """Replace the body of the top-level ``function`` of ``module`` (its docstring kept) by ``statement``."""
-    path = os.path.join(repo, module + ".py")
-    with open(path) as f:
-        source = f.read()
-    [node] = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == function]
-    first = node.body[1] if ast.get_docstring(node) is not None else node.body[0]
-    lines = source.splitlines(keepends=True)
-    lines[first.lineno - 1 : node.end_lineno] = [" " * first.col_offset + statement + "\n"]
-    with open(path, "w") as f:
-        f.write("".join(lines))
 
 
 def run_part_tests(repo: str, part: str, forbidden):
