@@ -11,7 +11,9 @@ In a terminal::
     python check.py              # every part, in the order the notebooks teach them
 
 The parts, their points and their tests are those of ``tools/parts.json``. Each check runs pytest in a
-fresh process, so it sees the modules as they are saved now, whatever a notebook has imported. A failure
+fresh process, so it sees the modules as they are saved now, whatever a notebook has imported. As in the
+grader, the other parts' functions answer from recorded data meanwhile (``tests/parts_from_data.py``), so a
+part can be checked before the parts it calls are written. A failure
 is shown with pytest's explanation (the expected and the actual values); a part that is still a stub is
 named in one line. The grader also runs instructor-only tests, so full marks here are necessary, not
 sufficient.

@@ -282,12 +282,14 @@ def _sample_fg_bg_masks(
     Returns:
         fg_mask, bg_mask: (..., N) bool.
     """
+    # BEGIN SOLUTION
     labels = matched_gt_boxes[..., 4]
     is_fg, is_bg = labels >= 0, labels == BACKGROUND
     fg_mask = is_fg & (_random_rank(is_fg) < int(num_samples * fg_fraction))
     num_bg = num_samples - fg_mask.sum(dim=-1, keepdim=True)  # (..., 1)
     bg_mask = is_bg & (_random_rank(is_bg) < num_bg)
     return fg_mask, bg_mask
+    # END SOLUTION
 
 
 def _random_rank(candidates: torch.Tensor) -> torch.Tensor:
@@ -441,6 +443,7 @@ class RPN(nn.Module):
         Args:
             obj_logits: (B, HWA); boxreg_deltas: (B, HWA, 4); anchors: (HWA, 4); gt_boxes: (B, M, 5).
         """
+        # BEGIN SOLUTION
         B = obj_logits.shape[0]
         matched = rcnn_match_anchors_to_gt(
             anchors, gt_boxes, self.anchor_iou_thresholds, self.allow_low_quality_matches
@@ -457,6 +460,7 @@ class RPN(nn.Module):
             obj_logits[sampled], fg_mask[sampled], boxreg_deltas[fg_mask], target_deltas
         )
         return {"loss_rpn_obj": loss_obj / num_sampled, "loss_rpn_box": loss_box / num_sampled}
+        # END SOLUTION
 
     @torch.no_grad()
     def _propose(
@@ -471,6 +475,7 @@ class RPN(nn.Module):
         Returns:
             B tensors (P, 4) of proposals, by decreasing objectness; no gradient flows through them.
         """
+        # BEGIN SOLUTION
         level_boxes, level_scores = [], []
         for level, logits in obj_logits.items():
             B, HWA = logits.shape
@@ -488,6 +493,7 @@ class RPN(nn.Module):
             self.post_nms_topk,
             self.nms_per_level,
         )
+        # END SOLUTION
 
 
 def rcnn_assign_rois_to_fpn_levels(

@@ -39,6 +39,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from parts_from_data import parts_from_data  # noqa: E402,F401  (an autouse fixture: each part graded alone)
 
 
 @pytest.fixture(autouse=True)

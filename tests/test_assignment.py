@@ -13,11 +13,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import each_part_alone  # noqa: E402
 import make_assignment  # noqa: E402
+import parts_from_data  # noqa: E402
 
 CONFIG = json.loads((ROOT / "tools" / "parts.json").read_text())
 PARTS = CONFIG["parts"]
@@ -111,6 +114,44 @@ def test_every_function_of_the_parts_is_marked_in_the_solution():
             [(first, last, _)] = [span for span in spans if span[2] == name]
             body = source.splitlines()[first - 1 : last]
             assert any(line.strip() == "# BEGIN SOLUTION" for line in body), function
+
+
+def test_every_marked_block_belongs_to_a_part():
+    """The converse: no graded substance hides in a helper outside the parts (a block there would be graded with
+    no part's tests, and the other parts' tests would run the student's version of it)."""
+    listed = {function for part in PARTS for function in part["functions"]}
+    for name in MARKED:
+        source = (ROOT / name).read_text()
+        spans = make_assignment.enclosing_functions(source)
+        for number, line in enumerate(source.splitlines(), start=1):
+            if line.strip() == "# BEGIN SOLUTION":
+                inside = [span for span in spans if span[0] <= number <= span[1]]
+                owner = f"{name[:-3]}.{max(inside, key=lambda span: span[0])[2]}"
+                assert owner in listed, f"{name}:{number} is marked inside {owner}, which no part of parts.json lists"
+
+
+def test_every_graded_part_has_hidden_tests():
+    assert all(part.get("hidden") for part in PARTS if part["points"] > 0), [
+        part["name"] for part in PARTS if part["points"] > 0 and not part.get("hidden")
+    ]
+
+
+def test_the_recorded_answers_of_the_other_parts_are_up_to_date(tmp_path):
+    """tests/frozen/ (and tests/hidden/frozen/) hold what the solution answers in each graded test; recorded again
+    now, they must be the same (refresh them with: python tests/parts_from_data.py)."""
+    parts_from_data.record(tmp_path / "public", tmp_path / "hidden")
+    for fresh_folder, shipped_folder in (
+        (tmp_path / "public", parts_from_data.PUBLIC_FROZEN),
+        (tmp_path / "hidden", parts_from_data.HIDDEN_FROZEN),
+    ):
+        fresh = sorted(path.name for path in fresh_folder.glob("*.pt"))
+        shipped = sorted(path.name for path in shipped_folder.glob("*.pt"))
+        assert fresh == shipped, "refresh them: python tests/parts_from_data.py"
+        for name in fresh:
+            new, old = (torch.load(folder / name, weights_only=False) for folder in (fresh_folder, shipped_folder))
+            assert [call["function"] for call in new] == [call["function"] for call in old], name
+            for a, b in zip(new, old):
+                assert parts_from_data._same(a["output"], parts_from_data._restored(b["output"], "cpu")), name
 
 
 def _solution_only_lines():
@@ -296,9 +337,58 @@ def test_a_release_with_iou_written_scores_exactly_the_iou_part(release, tmp_pat
     assert all(scores[name][0] == 0 for name in parts if name != "iou"), scores
 
 
+@pytest.mark.parametrize("part", STUDENT_PARTS)
+def test_a_submission_with_one_part_written_scores_exactly_its_points(part, tmp_path):
+    """Each part is graded alone: written on its own, with every other part a stub, it gets all its points, public
+    and hidden. (The other parts score as in the untouched release, 0: while a part is graded, every other part
+    answers from recorded data, never with the student's code; see tests/parts_from_data.py.)"""
+    functions = next(p["functions"] for p in PARTS if p["name"] == part)
+    each_part_alone.write_submission(tmp_path / "submission", functions)
+    out = tmp_path / "results.json"
+    grade = [sys.executable, str(ROOT / "tools" / "grade.py"), "--submission", str(tmp_path / "submission")]
+    subprocess.run([*grade, "--out", str(out), "--parts", part], check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    points = next(p["points"] for p in PARTS if p["name"] == part)
+    failed = [test["output"] for test in results["tests"] if test["score"] != test["max_score"]]
+    assert part_scores(results)[part] == (points, points), failed
+
+
 def _function_source(source, name):
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
     return "\n".join(source.splitlines()[node.lineno - 1 : node.end_lineno])
+
+
+def _check_in_a_release_notebook(repo, part):
+    """The release's one-stage notebook run as far as its ``from check import check`` cell, then ``check(part)``
+    in a cell of its own; returns that cell's printed text."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(repo / "notebooks" / "one_stage_detector.ipynb", as_version=4)
+    setup = next(i for i, cell in enumerate(notebook.cells) if "from check import check" in cell.source)
+    notebook.cells = [*notebook.cells[: setup + 1], nbformat.v4.new_code_cell(f"points = check({part!r})")]
+    resources = {"metadata": {"path": str(repo / "notebooks")}}
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources=resources).execute()
+    return "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+
+
+def test_check_in_a_release_notebook_passes_a_written_part_and_shows_a_wrong_ones(release, tmp_path, monkeypatch):
+    for name, value in (("DETECT_QUICK", "1"), ("MPLBACKEND", "Agg"), ("DETECT_RUN_DIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    repo = tmp_path / "release"
+    shutil.copytree(release, repo)
+    each_part_alone.write_submission(tmp_path / "written", ["common.iou"])
+    shutil.copy2(tmp_path / "written" / "common.py", repo / "common.py")
+    printed = _check_in_a_release_notebook(repo, "iou")
+    points = next(part["points"] for part in PARTS if part["name"] == "iou")
+    assert f"iou: {points}/{points} points" in printed and "FAILED" not in printed, printed
+
+    from conftest import replace_body
+
+    replace_body(str(repo), "common", "iou", "return torch.zeros(len(boxes1), len(boxes2))")  # overlaps never seen
+    printed = _check_in_a_release_notebook(repo, "iou")
+    assert "FAILED test_iou_sanity_values" in printed and "FAILED test_iou_degenerate" not in printed, printed
+    expected, got = printed.index("expected"), printed.index("got")  # the expected values, then the actual ones
+    assert "0.0625" in printed[expected:got] and "[[0.0, 0.0, 0.0]," in printed[got:], printed
 
 
 def test_a_release_notebook_stops_with_one_line_at_the_first_unwritten_step(release, tmp_path, monkeypatch):

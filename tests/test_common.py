@@ -111,7 +111,8 @@ def test_iou_sanity_values():
     # [20,20,40,40] vs [30,30,70,70]: intersection 10*10 = 100, union 400 + 1600 - 100 = 1900 -> 1/19.
     expected = torch.tensor([[1, 0.0625, 0.25], [0.0625, 0, 0.052631579], [0.0625, 1, 0.052631579]])
     result = iou(boxes1, boxes2)
-    assert (result - expected).abs().max() / expected.abs().max() < 1e-7
+    error = (result - expected).abs().max() / expected.abs().max()
+    assert error < 1e-7, f"expected {expected.tolist()}, got {result.tolist()}"
     assert_close(result, torchvision.ops.box_iou(boxes1, boxes2))
 
 

@@ -293,12 +293,19 @@ def test_rpn_training_outputs_and_proposals():
     rpn = RPN(16, [16], batch_size_per_image=32, anchor_stride_scale=4, pre_nms_topk=60, post_nms_topk=20)
     feats = _random_feats(2, 16, 64)
     gt = gt_batch([[[4, 8, 40, 30, 0], [30, 20, 60, 62, 2]], []])
+    head_outputs = []
+    rpn.pred_net.register_forward_hook(lambda module, inputs, outputs: head_outputs.append(outputs))
     output = rpn(feats, FPN_STRIDES, gt)
     assert set(output) == {"proposals", "loss_rpn_obj", "loss_rpn_box"}
     assert set(rpn.training_metrics) == {"metric_rpn_cls_error", "metric_rpn_box_mae"}
     assert output["loss_rpn_obj"] > 0 and output["loss_rpn_box"] > 0
+    obj_logits, box_deltas = head_outputs[0]
+    for prediction in (*obj_logits.values(), *box_deltas.values()):
+        prediction.retain_grad()
     (output["loss_rpn_obj"] + output["loss_rpn_box"]).backward()
-    assert rpn.pred_net.pred_box.weight.grad.abs().sum() > 0
+    # Both losses reach the head's predictions: the objectness of sampled anchors, the deltas of foreground ones.
+    assert sum(logits.grad.abs().sum() for logits in obj_logits.values()) > 0
+    assert sum(deltas.grad.abs().sum() for deltas in box_deltas.values()) > 0
     assert len(output["proposals"]) == 2
     for proposals in output["proposals"]:
         assert 0 < len(proposals) <= 20 and not proposals.requires_grad

@@ -42,6 +42,7 @@ LEFT_OUT = (
     "tools/make_assignment.py",
     "tools/gradescope/",
     "tools/student_readme.md",
+    "tools/each_part_alone.py",
     "tests/test_assignment.py",
     "tests/test_grade.py",
     "tests/test_shortcuts.py",  # (these two test the solution's own checks)
@@ -105,25 +106,37 @@ def stub(indent: str, module: str, line: int, functions, steps: Dict[str, str]) 
     return f"{indent}raise NotImplementedError(\n{literals}{indent})\n"
 
 
-def strip_solutions(source: str, module: str, steps: Dict[str, str]) -> Tuple[str, List[str]]:
-    """``source`` with every marked block replaced by a stub; also returns the removed blocks."""
+def strip_solutions(source: str, module: str, steps: Dict[str, str], keep: Iterable[str] = ()) -> Tuple[str, List[str]]:
+    """``source`` with every marked block replaced by a stub; also returns the removed blocks.
+
+    The blocks of the functions named in ``keep`` (``module.qualified_name``) stay, without their markers: a
+    release with those parts written, as the tests of the grader's "each part alone" build it."""
     functions = enclosing_functions(source)
+    kept = {name.split(".", 1)[1] for name in keep if name.split(".", 1)[0] == module}
     lines = source.splitlines(keepends=True)
     out, removed, block, block_start, indent = [], [], None, 0, ""
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if block is not None:
             if stripped == END:
-                removed.append("".join(block))
-                out.append(stub(indent, module, block_start, functions, steps))
+                inside = [f for f in functions if f[0] <= block_start <= f[1]]
+                if inside and max(inside, key=lambda f: f[0])[2] in kept:
+                    out += block
+                else:
+                    removed.append("".join(block))
+                    out.append(stub(indent, module, block_start, functions, steps))
                 block = None
             else:
                 block.append(line)
         elif stripped == BEGIN:
             indent, block, block_start = line[: len(line) - len(line.lstrip())], [], number
         elif SINGLE_LINE.search(line) and stripped != END:
-            removed.append(line)
-            out.append(stub(line[: len(line) - len(line.lstrip())], module, number, functions, steps))
+            inside = [f for f in functions if f[0] <= number <= f[1]]
+            if inside and max(inside, key=lambda f: f[0])[2] in kept:
+                out.append(SINGLE_LINE.sub("", line).rstrip() + "\n")
+            else:
+                removed.append(line)
+                out.append(stub(line[: len(line) - len(line.lstrip())], module, number, functions, steps))
         else:
             out.append(line)
     if block is not None:
