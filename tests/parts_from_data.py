@@ -330,9 +330,8 @@ class Replay:
         return None if found is None else torch.cat(values)[found].reshape(*lead, *trailing)
 
 
-def _lookup(query: torch.Tensor, keys: torch.Tensor, partial: bool = False):
-    """For each query row, the index of a key row equal within the tolerance; None (or -1 per row when
-    ``partial``) where there is none."""
+def _lookup(query: torch.Tensor, keys: torch.Tensor):
+    """For each query row, the index of a key row equal within the tolerance; None if a row has none."""
     index = torch.full((len(query),), -1, dtype=torch.long)
     if len(keys):
         for start in range(0, len(query), 256):
@@ -342,8 +341,6 @@ def _lookup(query: torch.Tensor, keys: torch.Tensor, partial: bool = False):
             close = ((diff <= ROW_ATOL + ROW_RTOL * keys.abs()[None]) | both_nan).all(dim=-1)
             hit = close.any(dim=1)
             index[start : start + 256] = torch.where(hit, close.float().argmax(dim=1), -1)
-    if partial:
-        return index
     return None if bool((index < 0).any()) else index
 
 
