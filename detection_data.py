@@ -4,6 +4,8 @@ uint8 image cache.
 Every data set here yields ``(image_id, image (3, S, S) float32 ImageNet-normalised, gt_boxes (40, 5))``
 (VOC's with ``return_difficult=True`` adds ``difficult (40,)``), so the default ``DataLoader`` collate
 works (ids become a tuple of strings). Boxes and ground truth follow ``common.py``'s conventions.
+``synthetic_photo`` draws one synthetic scene of any shape, (3, H, W) in [0, 1], as a stand-in photo, and
+``save_image`` writes it to a file.
 
 Imports: torch, torchvision, numpy, PIL; nothing of this project (every other module may import it).
 """
@@ -106,6 +108,19 @@ def _read_rgb(path: PathLike) -> torch.Tensor:
             "Delete the data set folder and download it again."
         ) from error
     return torch.from_numpy(array).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+
+def save_image(image: torch.Tensor, path: PathLike) -> None:
+    """Write an image to a file in the format its suffix names (e.g. ``.png``), e.g. for ``photos.predict_photos``.
+
+    Args:
+        image: (3, H, W) float in [0, 1] (``synthetic_photo``'s) or uint8; floats are rounded to bytes,
+            so a PNG read back gives ``round(255 * image)``.
+        path: the file to write; its folder must exist.
+    """
+    if image.dtype != torch.uint8:
+        image = (image.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    Image.fromarray(image.cpu().permute(1, 2, 0).numpy()).save(path)  # (3, H, W) -> (H, W, 3)
 
 
 class ResizeShortSideCenterCrop(v2.Transform):
@@ -322,6 +337,9 @@ _SYNTHETIC_COLOURS = torch.tensor(
 _SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+_PHOTO_STREAM = 3  # synthetic_photo's seed stream: no photo is an image of a split
+
+
 _MIN_VISIBLE_FRACTION = 0.5  # an object hidden more than this by later ones is not labelled
 
 
@@ -340,31 +358,36 @@ def _shape_mask(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return masks[shape]
 
 
-def _textured_background(S: int, generator: torch.Generator) -> torch.Tensor:
-    """(3, S, S) in about [0, 1]: a greyish base, smooth blotches and faint stripes."""
+def _textured_background(H: int, W: int, generator: torch.Generator) -> torch.Tensor:
+    """(3, H, W) in about [0, 1]: a greyish base, smooth blotches and faint stripes."""
     rand = functools.partial(torch.rand, generator=generator)
     base = 0.3 + 0.35 * rand(1) + 0.08 * (rand(3) - 0.5)
     cells = int(torch.randint(2, 9, (1,), generator=generator))
+    # `cells` blotches across the short side, so that they stay round on a wide image.
+    rows, cols = round(cells * H / min(H, W)), round(cells * W / min(H, W))
     # Mostly luminance so that the class colours stay the strongest colour cue.
-    blotches = 0.35 * (rand(1, cells, cells) - 0.5) + 0.08 * (rand(3, cells, cells) - 0.5)
-    smooth = F.interpolate(blotches[None], size=(S, S), mode="bilinear", align_corners=False)[0]
-    ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    blotches = 0.35 * (rand(1, rows, cols) - 0.5) + 0.08 * (rand(3, rows, cols) - 0.5)
+    smooth = F.interpolate(blotches[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     angle, period, phase = math.pi * rand(1), 6 + 34 * rand(1), 2 * math.pi * rand(1)
     stripes = 0.1 * rand(1) * torch.sin(2 * math.pi * (xs * angle.cos() + ys * angle.sin()) / period + phase)
     return base[:, None, None] + smooth + stripes
 
 
-def _sample_objects(S: int, generator: torch.Generator, scene: "SceneOptions") -> Dict[str, torch.Tensor]:
-    """Classes, centres and sizes of the objects, largest first (small ones end up on top)."""
+def _sample_objects(H: int, W: int, generator: torch.Generator, scene: "SceneOptions") -> Dict[str, torch.Tensor]:
+    """Classes, centres and sizes of the objects, largest first (small ones end up on top).
+
+    Sizes follow the short side, so that a wide scene holds the objects of a square one of its height;
+    centres spread over the whole image."""
     rand = functools.partial(torch.rand, generator=generator)
     n = int(torch.randint(1, scene.max_objects + 1, (1,), generator=generator))
     labels = torch.randint(0, len(SYNTHETIC_CLASSES), (n,), generator=generator)
-    min_side, max_side = scene.min_object_side, scene.max_object_fraction * S
+    min_side, max_side = scene.min_object_side, scene.max_object_fraction * min(H, W)
     # Log-uniform sides spread the objects over all three FPN levels.
     sides = torch.exp(math.log(min_side) + rand(n) * math.log(max_side / min_side))
     aspect = torch.exp(0.6 * (rand(n) - 0.5))
     w, h = (sides * aspect).clamp(min_side, max_side), (sides / aspect).clamp(min_side, max_side)
-    cx, cy = w / 2 + rand(n) * (S - w), h / 2 + rand(n) * (S - h)
+    cx, cy = w / 2 + rand(n) * (W - w), h / 2 + rand(n) * (H - h)
     order = (w * h).argsort(descending=True)
     colours = (_SYNTHETIC_COLOURS[labels] + 0.05 * torch.randn(n, 3, generator=generator)).clamp(0, 1)
     return {
@@ -379,12 +402,13 @@ def _sample_objects(S: int, generator: torch.Generator, scene: "SceneOptions") -
 
 
 def _draw_strokes(image: torch.Tensor, count: int, generator: torch.Generator) -> None:
-    """Paint ``count`` straight strokes, 1-3 px wide, in class colours or grey, onto ``image`` (3, S, S)."""
-    S = image.shape[-1]
+    """Paint ``count`` straight strokes, 1-3 px wide, in class colours or grey, onto ``image`` (3, H, W)."""
+    H, W = image.shape[-2:]
     rand = functools.partial(torch.rand, generator=generator)
-    ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    size = torch.tensor([W, H], dtype=torch.float32)  # ends are (x, y)
     for _ in range(count):
-        start, end = rand(2) * S, rand(2) * S
+        start, end = rand(2) * size, rand(2) * size
         width = 1 + 2 * rand(1)
         colour = _SYNTHETIC_COLOURS[int(torch.randint(0, len(SYNTHETIC_CLASSES), (1,), generator=generator))]
         colour = torch.where(rand(1) < 0.5, colour, rand(1).expand(3))
@@ -395,22 +419,22 @@ def _draw_strokes(image: torch.Tensor, count: int, generator: torch.Generator) -
 
 
 def _draw_scene(
-    S: int, generator: torch.Generator, scene: Optional["SceneOptions"] = None
+    H: int, W: int, generator: torch.Generator, scene: Optional["SceneOptions"] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw one synthetic image (``scene``: ``SceneOptions()`` by default).
+    """Draw one synthetic image, H high and W wide (``scene``: ``SceneOptions()`` by default).
 
     Returns:
-        image (3, S, S) in [0, 1]; gt_boxes (N, 5) tight around each labelled object's visible
-        pixels (continuous: pixel column j spans [j, j + 1]); owner (S, S) long, the index into
+        image (3, H, W) in [0, 1]; gt_boxes (N, 5) tight around each labelled object's visible
+        pixels (continuous: pixel column j spans [j, j + 1]); owner (H, W) long, the index into
         the drawn objects of the object each pixel shows, -1 for background.
     """
     scene = scene or SceneOptions()
-    image = _textured_background(S, generator)
+    image = _textured_background(H, W, generator)
     if scene.max_strokes > 0:  # no draws otherwise, so that the default scenes stay what they were
         _draw_strokes(image, int(torch.randint(0, scene.max_strokes + 1, (1,), generator=generator)), generator)
-    objects = _sample_objects(S, generator, scene)
-    ys, xs = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-    owner = torch.full((S, S), -1, dtype=torch.long)
+    objects = _sample_objects(H, W, generator, scene)
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    owner = torch.full((H, W), -1, dtype=torch.long)
     drawn_pixels = []
     for k, shape in enumerate(objects["labels"].tolist()):
         cx, cy, w, h = (objects[key][k].item() for key in ("cx", "cy", "w", "h"))
@@ -425,12 +449,12 @@ def _draw_scene(
         )
         owner[window][mask] = k
         drawn_pixels.append(mask.sum())
-    image = (image + 0.02 * torch.randn(3, S, S, generator=generator)).clamp(0, 1)
-    visible = owner[None] == torch.arange(len(drawn_pixels))[:, None, None]  # (N, S, S)
+    image = (image + 0.02 * torch.randn(3, H, W, generator=generator)).clamp(0, 1)
+    visible = owner[None] == torch.arange(len(drawn_pixels))[:, None, None]  # (N, H, W)
     labelled = visible.sum((1, 2)) >= _MIN_VISIBLE_FRACTION * torch.stack(drawn_pixels)
-    columns, rows = visible.any(1)[labelled], visible.any(2)[labelled]  # (N, S) each
-    x1, x2 = columns.int().argmax(1), S - columns.flip(1).int().argmax(1)
-    y1, y2 = rows.int().argmax(1), S - rows.flip(1).int().argmax(1)
+    columns, rows = visible.any(1)[labelled], visible.any(2)[labelled]  # (N, W), (N, H)
+    x1, x2 = columns.int().argmax(1), W - columns.flip(1).int().argmax(1)
+    y1, y2 = rows.int().argmax(1), H - rows.flip(1).int().argmax(1)
     gt_boxes = torch.stack([x1, y1, x2, y2, objects["labels"][labelled]], dim=1).float()
     return image, gt_boxes, owner
 
@@ -441,8 +465,8 @@ class SceneOptions:
 
     Attributes:
         min_object_side: pixels; 10 by default, so that every object covers a p3 location (stride 8).
-        max_object_fraction: largest object side as a fraction of the image side; big objects
-            give the p5 level work.
+        max_object_fraction: largest object side as a fraction of the image's (short) side; big
+            objects give the p5 level work.
         max_objects: objects per image are drawn uniformly from 1..max_objects.
         max_strokes: unlabelled straight strokes (clutter) per image, 0..max_strokes, painted under
             the objects in class colours or grey.
@@ -503,15 +527,45 @@ class SyntheticDetection(torch.utils.data.Dataset):
         return self.num_images
 
     def image_generator(self, index: int) -> torch.Generator:
-        """The generator that draws image ``index``; SeedSequence mixes (seed, split, index) well."""
-        words = np.random.SeedSequence([self.seed, _SYNTHETIC_SPLITS[self.split], index]).generate_state(2)
-        return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+        """The generator that draws image ``index``."""
+        return _scene_generator(self.seed, _SYNTHETIC_SPLITS[self.split], index)
 
     def __getitem__(self, index: int):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
-        image, gt_boxes, _ = _draw_scene(self.image_size, self.image_generator(index), self.scene)
+        S = self.image_size
+        image, gt_boxes, _ = _draw_scene(S, S, self.image_generator(index), self.scene)
         return f"synthetic_{self.split}_{index:06d}", normalize_image(image), _pad_rows(gt_boxes)
+
+
+def _scene_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """The generator of one scene; SeedSequence mixes (seed, stream, index) well, so streams never meet."""
+    words = np.random.SeedSequence([seed, stream, index]).generate_state(2)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def synthetic_photo(
+    width: int, height: int, seed: int = 0, scene: Optional[SceneOptions] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic scene of any shape with its ground truth: a stand-in photo whose answer is known.
+
+    It is drawn as ``SyntheticDetection`` draws its square images, with object sides set by the short
+    side (a 384 x 256 scene holds the objects of a 256 x 256 image, spread over the whole width), the
+    same number of objects and the same labelling: an object less than half visible is not labelled.
+    Its seed has a stream of its own ("photo"), so a photo is never an image of the train, val or test
+    split, whatever their seeds.
+
+    Args:
+        width, height: W and H in pixels.
+        seed: a non-negative int; different seeds give different scenes.
+        scene: a ``SceneOptions`` (e.g. ``CROWDED_SCENE``); ``None`` for the standard scenes.
+    Returns:
+        image (3, H, W) float32 in [0, 1], not normalised (``save_image`` writes it to a file,
+        ``normalize_image`` readies it for a detector); gt_boxes (N, 5) float32 rows
+        ``(x1, y1, x2, y2, C)`` in pixels, tight around each labelled object's visible pixels, unpadded.
+    """
+    image, gt_boxes, _ = _draw_scene(height, width, _scene_generator(seed, _PHOTO_STREAM, 0), scene)
+    return image, gt_boxes
 
 
 # Preprocessed image cache

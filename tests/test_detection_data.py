@@ -1,10 +1,11 @@
 """Tests of detection_data: image normalisation, VOC 2007 read from a small data set in the official layout
-(resize, centre crop, boxes moved, clipped and dropped, difficult flags, errors, download), the uint8 image cache
-and the synthetic shapes.
+(resize, centre crop, boxes moved, clipped and dropped, difficult flags, errors, download), the uint8 image cache,
+the synthetic shapes and the synthetic photo.
 
 Hand-computed values carry their arithmetic in a comment.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import detection_data
 from detection_data import (
+    CROWDED_SCENE,
     SYNTHETIC_CLASSES,
     PreprocessedCache,
     SyntheticDetection,
@@ -25,6 +27,8 @@ from detection_data import (
     denormalize_image,
     load_image,
     normalize_image,
+    save_image,
+    synthetic_photo,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +282,12 @@ def test_synthetic_item_format(image_size):
         assert (boxes[:, 4] < dataset.num_classes).all() and (boxes[:, 4] == boxes[:, 4].round()).all()
 
 
-def test_synthetic_boxes_are_tight_around_visible_pixels():
+@pytest.mark.parametrize("height, width", [(96, 96), (64, 112)], ids=["square", "wide"])
+def test_synthetic_boxes_are_tight_around_visible_pixels(height, width):
+    # A wide scene catches x and y swapped anywhere between the drawing and the boxes.
     for seed in range(20):
-        _, gt_boxes, owner = detection_data._draw_scene(96, torch.Generator().manual_seed(seed))
+        image, gt_boxes, owner = detection_data._draw_scene(height, width, torch.Generator().manual_seed(seed))
+        assert image.shape == (3, height, width) and owner.shape == (height, width)
         extents = set()
         for k in owner.unique()[1:].tolist():  # skip the background (-1)
             ys, xs = torch.nonzero(owner == k, as_tuple=True)
@@ -297,3 +304,99 @@ def test_synthetic_object_sizes_reach_every_fpn_level():
     # p3 wants objects below ~64 px, p5 above ~128 px (FCOS ranges on max(l, t, r, b)).
     assert (sides < 20).any() and ((sides > 64) & (sides < 128)).any() and (sides > 140).any()
     assert len(boxes[:, 4].unique()) == len(SYNTHETIC_CLASSES)
+
+
+# Pinned before the drawing helpers took a height and a width (they took one side S): the square data sets
+# must stay what they were, to the bit. If a change to the drawing moves these, the data sets have changed.
+_PINNED_SQUARE_ITEMS = {
+    ("train", None, 0): (
+        13927.372286068428,
+        [[46, 53, 118, 122, 1], [20, 53, 46, 94, 2], [89, 27, 125, 56, 0], [44, 22, 64, 38, 2], [5, 55, 17, 74, 4]]
+        + [[73, 117, 85, 127, 3]],
+    ),
+    ("train", None, 5): (
+        735.0329793287729,
+        [[68, 8, 126, 104, 0], [28, 65, 109, 123, 4], [19, 30, 100, 82, 1], [68, 27, 121, 58, 2], [68, 32, 99, 52, 2]]
+        + [[87, 116, 98, 125, 2], [69, 51, 80, 62, 1]],
+    ),
+    ("val", CROWDED_SCENE, 0): (  # strokes and a crowd
+        11043.614711299131,
+        [[9, 65, 63, 111, 1], [57, 31, 84, 71, 2], [32, 94, 57, 125, 2], [56, 66, 67, 85, 5], [41, 34, 51, 50, 1]]
+        + [[74, 55, 87, 68, 0], [12, 111, 24, 124, 4], [112, 76, 123, 87, 1], [113, 45, 127, 53, 4]],
+    ),
+}
+
+
+@pytest.mark.parametrize("split, scene, index", list(_PINNED_SQUARE_ITEMS), ids=["train0", "train5", "crowded_val0"])
+def test_synthetic_square_items_are_the_pinned_ones(split, scene, index):
+    image_sum, boxes = _PINNED_SQUARE_ITEMS[(split, scene, index)]
+    _, image, gt_boxes = SyntheticDetection(split, num_images=8, image_size=128, scene=scene)[index]
+    # The sum of the normalised image, in float64; any redrawn pixel moves it by far more than 1e-3.
+    assert_close(image.double().sum().item(), image_sum, rtol=0, atol=1e-3)
+    assert_close(gt_boxes[: len(boxes)], torch.tensor(boxes, dtype=torch.float32), rtol=0, atol=0)
+    assert (gt_boxes[len(boxes) :] == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic photo
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(384, 256), (160, 240)], ids=["landscape", "portrait"])
+def test_synthetic_photo_shapes_and_boxes_inside(width, height):
+    for seed in range(5):
+        image, gt_boxes = synthetic_photo(width, height, seed=seed)
+        assert image.shape == (3, height, width) and image.dtype == torch.float32
+        assert image.min() >= 0 and image.max() <= 1  # not normalised
+        assert gt_boxes.ndim == 2 and gt_boxes.shape[1] == 5 and gt_boxes.dtype == torch.float32
+        assert 1 <= len(gt_boxes) <= 8  # unpadded
+        assert (gt_boxes[:, :2] >= 0).all() and (gt_boxes[:, 2] <= width).all() and (gt_boxes[:, 3] <= height).all()
+        assert (gt_boxes[:, 2] > gt_boxes[:, 0]).all() and (gt_boxes[:, 3] > gt_boxes[:, 1]).all()
+        assert ((gt_boxes[:, 4] >= 0) & (gt_boxes[:, 4] < len(SYNTHETIC_CLASSES))).all()
+
+
+def test_synthetic_photo_is_deterministic_per_seed_and_differs_across_seeds():
+    image, gt_boxes = synthetic_photo(192, 128, seed=7)
+    again, again_boxes = synthetic_photo(192, 128, seed=7)
+    assert torch.equal(image, again) and torch.equal(gt_boxes, again_boxes)
+    assert not torch.equal(image, synthetic_photo(192, 128, seed=8)[0])
+
+
+def test_synthetic_photo_at_width_equal_height_is_the_data_sets_drawing(monkeypatch):
+    dataset = SyntheticDetection("train", num_images=1, image_size=96, scene=CROWDED_SCENE)
+    photo_generator = functools.partial(detection_data._scene_generator, 3, detection_data._PHOTO_STREAM, 0)
+    monkeypatch.setattr(dataset, "image_generator", lambda index: photo_generator())
+    _, image, gt_boxes = dataset[0]
+    photo, photo_boxes = synthetic_photo(96, 96, seed=3, scene=CROWDED_SCENE)
+    assert_close(normalize_image(photo), image, rtol=0, atol=0)
+    assert_close(photo_boxes, gt_boxes[: len(photo_boxes)], rtol=0, atol=0)
+    assert (gt_boxes[len(photo_boxes) :] == -1).all()
+
+
+def test_synthetic_photo_is_no_image_of_a_split():
+    # The photo's seed stream is its own: seed 0 is neither train, val nor test image 0 of seed 0.
+    photo, _ = synthetic_photo(96, 96, seed=0)
+    for split in ("train", "val", "test"):
+        _, image, _ = SyntheticDetection(split, num_images=1, image_size=96, seed=0)[0]
+        assert not torch.equal(normalize_image(photo), image)
+
+
+def test_synthetic_photo_objects_follow_the_short_side_and_fill_the_width():
+    boxes = torch.cat([synthetic_photo(384, 128, seed=seed)[1] for seed in range(30)])
+    sides = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    # Sides up to 0.75 * 128 = 96 px (the short side's), plus at most 1 px of rounding to whole pixels;
+    # a scene sized by its long side would reach 0.75 * 384 = 288.
+    assert sides.max() <= 97 and (sides > 64).any()
+    # Centres spread over the whole width, not only over its first 128 px.
+    centres = (boxes[:, 0] + boxes[:, 2]) / 2
+    assert (centres < 128).any() and ((centres > 128) & (centres < 256)).any() and (centres > 256).any()
+
+
+def test_save_image_then_read_gives_back_the_bytes(tmp_path):
+    image, _ = synthetic_photo(48, 32, seed=1)
+    save_image(image, tmp_path / "photo.png")
+    read = detection_data._read_rgb(tmp_path / "photo.png")
+    assert read.shape == (3, 32, 48) and read.dtype == torch.uint8
+    assert torch.equal(read, (image * 255).round().to(torch.uint8))
+    save_image(read, tmp_path / "again.png")  # uint8 is written as it is
+    assert torch.equal(detection_data._read_rgb(tmp_path / "again.png"), read)
