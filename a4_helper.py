@@ -3,13 +3,16 @@ command line use from ``a4_helper`` is re-exported here from the module that hol
 ``import a4_helper`` keeps working as the course's code expects. No code lives here but
 ``hello_helper``; look in:
 
-- ``detection_data.py``: image helpers, ``VOC2007DetectionTiny``, ``SyntheticDetection``, the uint8 cache;
+- ``detection_data.py``: image helpers, ``VOC2007DetectionTiny``, ``SyntheticDetection``, ``synthetic_photo``,
+  the uint8 cache;
 - ``augmentation.py``: ``BatchAugmentation``, the training augmentation (flip, scale jitter, colours);
-- ``drawing.py``: ``detection_visualizer``, ``plot_loss_history``;
+- ``drawing.py``: ``detection_visualizer``, ``plot_loss_history``, the opening's figures (``draw_detector_outputs``,
+  ``draw_iou_example``, ``draw_average_precision_example``); ``architecture_figure.py``: ``draw_architecture``;
 - ``training.py``: ``train_detector``, checkpoints, ``reset_seed``;
 - ``evaluation.py``: ``compute_map``, ``evaluate_detector``, ``inference_with_detector``, ``proposal_recall``.
 """
 
+from architecture_figure import draw_architecture
 from augmentation import BatchAugmentation
 from detection_data import (
     CROWDED_SCENE,
@@ -27,8 +30,16 @@ from detection_data import (
     load_image,
     normalize_image,
     prepare_images,
+    save_image,
+    synthetic_photo,
 )
-from drawing import detection_visualizer, plot_loss_history
+from drawing import (
+    detection_visualizer,
+    draw_average_precision_example,
+    draw_detector_outputs,
+    draw_iou_example,
+    plot_loss_history,
+)
 from evaluation import (
     compute_map,
     evaluate_detector,
@@ -60,6 +71,10 @@ __all__ = [
     "compute_map",
     "denormalize_image",
     "detection_visualizer",
+    "draw_architecture",
+    "draw_average_precision_example",
+    "draw_detector_outputs",
+    "draw_iou_example",
     "evaluate_detector",
     "gt_boxes_to_targets",
     "hello_helper",
@@ -74,6 +89,8 @@ __all__ = [
     "read_checkpoint",
     "rel_error",
     "reset_seed",
+    "save_image",
+    "synthetic_photo",
     "train_detector",
 ]
 

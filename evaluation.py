@@ -60,7 +60,9 @@ def _iou_matrix(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     return iou(torch.from_numpy(boxes1), torch.from_numpy(boxes2)).numpy()
 
 
-def _voc_outcomes(preds: List[Dict], gts: List[Dict], iou_threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+def _voc_outcomes(
+    preds: List[Dict], gts: List[Dict], iou_threshold: float, iou_matrix=_iou_matrix
+) -> Tuple[np.ndarray, np.ndarray]:
     """Label every detection the PASCAL VOC way, all images at once.
 
     VOC walks a class's detections by decreasing score (stable on ties). Each one looks only at
@@ -68,6 +70,8 @@ def _voc_outcomes(preds: List[Dict], gts: List[Dict], iou_threshold: float) -> T
     box is difficult, a true positive if the box is still unclaimed, else a false positive
     (a duplicate). Since the box choice does not depend on earlier claims, the first detection
     (in score order) to pick a box is its true positive.
+    ``iou_matrix`` ((D, 4), (G, 4) -> (D, G)) is the project's IoU unless the opening's figures, drawn
+    before a learner has written ``common.iou``, pass torchvision's.
 
     Returns:
         labels (D,) and outcomes (D,) with 1 TP, 0 FP, -1 ignored, sorted by decreasing score.
@@ -78,7 +82,7 @@ def _voc_outcomes(preds: List[Dict], gts: List[Dict], iou_threshold: float) -> T
         D, G = len(pred["scores"]), len(gt["labels"])
         ious = np.full((D, G + 1), -1.0)  # a last column "no box" for images without a same-class box
         same_class = pred["labels"][:, None] == gt["labels"][None, :]
-        ious[:, :G] = np.where(same_class, _iou_matrix(pred["boxes"], gt["boxes"]), -1.0)
+        ious[:, :G] = np.where(same_class, iou_matrix(pred["boxes"], gt["boxes"]), -1.0)
         best = ious.argmax(1)  # the first box on ties, as the devkit's max()
         scores.append(pred["scores"])
         labels.append(pred["labels"])
@@ -100,13 +104,13 @@ def _voc_outcomes(preds: List[Dict], gts: List[Dict], iou_threshold: float) -> T
 
 
 def _voc_pr_curves(
-    preds: List[Dict], gts: List[Dict], num_classes: int, iou_threshold: float
+    preds: List[Dict], gts: List[Dict], num_classes: int, iou_threshold: float, iou_matrix=_iou_matrix
 ) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:
     """{class: (recall (Dc,), precision (Dc,))} over its non-ignored detections by decreasing score,
     for every class with at least one non-difficult ground-truth object."""
     if not preds:
         return {}
-    labels, outcomes = _voc_outcomes(preds, gts, iou_threshold)
+    labels, outcomes = _voc_outcomes(preds, gts, iou_threshold, iou_matrix)
     curves = {}
     for c in range(num_classes):
         num_gt = sum(int(((gt["labels"] == c) & ~gt["difficult"]).sum()) for gt in gts)

@@ -32,6 +32,9 @@ _COURSE_NAMES = {
     "gt_boxes_to_targets": evaluation,
     "proposal_recall": evaluation,
     "plot_proposal_recall": evaluation,
+    "draw_detector_outputs": drawing,
+    "draw_iou_example": drawing,
+    "draw_average_precision_example": drawing,
 }
 
 
