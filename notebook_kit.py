@@ -11,16 +11,21 @@ Imports: ``common``, ``detection_data``, ``drawing``, ``evaluation``, ``experime
 """
 
 import dataclasses
+import importlib
+import inspect
 import os
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
+from architecture_figure import draw_architecture
 from common import NMS_THRESH, PICTURE_SCORE_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
-from detection_data import SyntheticDetection, VOC2007DetectionTiny, denormalize_image
+from detection_data import SyntheticDetection, VOC2007DetectionTiny, save_image, synthetic_photo
 from drawing import _pyplot, detection_visualizer
 from evaluation import compute_map, gt_boxes_to_targets, inference_with_detector, plot_precision_recall
 from experiment import RunConfig
@@ -44,12 +49,18 @@ class Sizes:
     optimizer: str  # "sgd" or "adamw", as ``train_detector`` takes it
 
 
-# Quick mode: small, for a CPU and the test suite, and still long enough to see a detector learn. A random
-# backbone barely moves under SGD in a few hundred steps; AdamW at 2e-3 overfits four images in 150 (FCOS
-# reaches mAP@0.5 of about 0.7 on them). The held-out numbers of 60 iterations on 32 images stay low.
-QUICK_SIZES = Sizes(96, 4, 32, 32, 16, 4, 150, 60, 2e-3, 10, 0, "adamw")
+# Quick mode: small enough for a CPU and the test suite, long enough that held-out images visibly improve.
+# A random backbone barely moves under SGD in a few hundred steps; AdamW at 2e-3 does. 300 iterations of
+# 8 images of 128 pixels take the improved FCOS and Faster R-CNN from a held-out mAP@0.5 of about 0 to 0.34-0.53
+# (three seeds each; the course's FCOS reaches about 0.1): docs/notebooks.md, benchmarks/bench_notebook_quick_mode.py.
+# Overfitting uses four images for 150 iterations.
+QUICK_SIZES = Sizes(128, 8, 32, 256, 32, 4, 150, 300, 2e-3, 20, 0, "adamw")
 # The course's recipe; the synthetic set then has as many images as VOC's train and val splits.
 FULL_SIZES = Sizes(224, 16, 128, 2501, 2510, 160, 500, 9000, 8e-3, 100, min(4, os.cpu_count() or 1), "sgd")
+
+
+# The photo-sized scene of ``try_on_photo``: a seed whose scene holds eight objects of many sizes.
+PHOTO_SEED = 7
 
 
 def show(figure) -> None:
@@ -58,6 +69,81 @@ def show(figure) -> None:
 
     display(figure)
     _pyplot().close(figure)
+
+
+def show_source(*objects):
+    """The source of functions, methods or classes, highlighted, as their module holds it now: never a copy
+    that could drift (in the student release, the stub that is yours to write). The notebook displays
+    the returned ``IPython.display.Code``."""
+    from IPython.display import Code
+
+    return Code("\n\n".join(textwrap.dedent(inspect.getsource(item)) for item in objects), language="python")
+
+
+def example_with_objects(dataset, at_least: int = 4):
+    """The first image of ``dataset`` with ``at_least`` objects: ``(image, gt_boxes)``, the padding rows left out
+    and the objects sorted from the largest down."""
+    index = next(i for i in range(len(dataset)) if int((dataset[i][2][:, 4] >= 0).sum()) >= at_least)
+    _, image, gt_boxes = dataset[index][:3]
+    objects = gt_boxes[gt_boxes[:, 4] >= 0]
+    areas = (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1])
+    return image, objects[areas.argsort(descending=True)]
+
+
+def _shifted(row: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A ground-truth row's box moved right by ``fraction`` of its width: IoU (1 - f) / (1 + f) with it."""
+    step = fraction * float(row[2] - row[0])
+    return row[:4] + torch.tensor([step, 0.0, step, 0.0])
+
+
+def made_up_detections(objects: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Detections placed by hand on ``objects`` (at least three rows, largest first), one of each outcome, to
+    show how detections are judged: (4, 6) rows ``(x1, y1, x2, y2, class, score)``, highest score first.
+
+    Row 0 sits on object 0 (IoU 0.90, a true positive); row 1 is a second box on it (IoU 0.60 with it, 0.67
+    with row 0: a duplicate); row 2 is too loose on object 1 (IoU 0.38); row 3 covers object 2 exactly with
+    the wrong class. Objects 3 and on get no detection."""
+    rows = [
+        (_shifted(objects[0], 0.05), objects[0, 4], 0.92),
+        (_shifted(objects[0], 0.25), objects[0, 4], 0.71),
+        (_shifted(objects[1], 0.45), objects[1, 4], 0.55),
+        (objects[2, :4], (objects[2, 4] + 1) % num_classes, 0.40),
+    ]
+    return torch.stack([torch.cat([box, torch.tensor([float(label), score])]) for box, label, score in rows])
+
+
+def show_architecture(build, image_size: int, batch_size: int) -> None:
+    """Draw the detector that ``build()`` returns (``architecture_figure.draw_architecture``, the shapes of one forward
+    pass at this run's sizes). In the student release, a detector whose parts are not written yet cannot be
+    built: then one line says which part, and the figure waits until the cell runs again."""
+    try:
+        detector = build()
+    except NotImplementedError as unwritten:
+        print(f"Not drawn yet, the detector cannot be built: {unwritten}. Run this cell again once it is written.")
+        return
+    show(draw_architecture(detector, image_size, batch_size))
+
+
+def part_functions(name: str) -> List[Any]:
+    """The functions that part ``name`` of ``tools/parts.json`` grades (its ``"functions"``, imported)."""
+    import check
+
+    parts = {part["name"]: part for part in check.load_parts()}
+    if name not in parts:
+        raise ValueError(f"no part named {name!r} in tools/parts.json; the parts are: {', '.join(parts)}")
+    found = []
+    for dotted in parts[name]["functions"]:
+        module, *path = dotted.split(".")
+        item = importlib.import_module(module)
+        for attribute in path:
+            item = getattr(item, attribute)
+        found.append(item)
+    return found
+
+
+def show_part(name: str):
+    """``show_source`` of what ``check(name)`` checks: the functions of one part of the assignment."""
+    return show_source(*part_functions(name))
 
 
 def subset(dataset, count: int):
@@ -132,9 +218,12 @@ class NotebookRun:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def run_config(self, model: str, variant: str = "course", first_stage: Optional[str] = None) -> RunConfig:
+    def run_config(
+        self, model: str, variant: str = "course", first_stage: Optional[str] = None, **options: Any
+    ) -> RunConfig:
         """This run as the ``RunConfig`` that ``detect.py`` stores in its checkpoints (so that ``detect.py
-        eval`` can rebuild the model). Faster R-CNN gets the RPN unless ``first_stage="fcos"``."""
+        eval`` can rebuild the model). Faster R-CNN gets the RPN unless ``first_stage="fcos"``; ``options``
+        are other ``RunConfig`` fields (e.g. ``fine_p3=True``)."""
         s, synthetic = self.sizes, self.data == "synthetic"
         return RunConfig(
             model=model,
@@ -151,6 +240,7 @@ class NotebookRun:
             first_stage=(first_stage or "rpn") if model == "faster_rcnn" else None,
             num_classes=len(self.idx_to_class),
             idx_to_class=dict(self.idx_to_class),
+            **options,
         )
 
     def show_predictions(
@@ -213,33 +303,44 @@ class NotebookRun:
         self, detector, photo=None, upload: bool = False, score_thresh: float = PICTURE_SCORE_THRESH, max_boxes: int = 8
     ):
         """Detect objects in a whole photo (``photos.predict_photos``, as ``detect.py predict`` does) and
-        return the picture with the best ``max_boxes`` detections above ``score_thresh`` drawn.
-        ``photo``: a path; ``upload``: pick one on Colab; neither: two held-out images side by side stand
-        in for a photo twice as wide as it is high (enlarged four times, so that the labels drawn on it stay
-        readable; the detector sees the same image, since the photo is scaled back to ``image_size``)."""
-        import numpy as np
-        from PIL import Image
+        return a figure of the best ``max_boxes`` detections above ``score_thresh``.
 
+        ``photo``: a path; ``upload``: pick one on Colab; neither: a photo-sized synthetic scene
+        (``detection_data.synthetic_photo``, 3 x 2 times ``image_size``, never seen in training), whose ground
+        truth is drawn in a panel beside the detections."""
         import photos
 
         if upload:
             photo = photos.upload_photo()
+        gt_boxes = None
         if photo is None:
-            pair = Image.fromarray(np.concatenate([denormalize_image(self.val_set[i][1]) for i in range(2)], axis=1))
-            photo = self.run_dir("photo") / "two_held_out_images.png"
-            pair.resize((4 * pair.width, 4 * pair.height), Image.NEAREST).save(photo)
+            size = self.sizes.image_size
+            image, gt_boxes = synthetic_photo(3 * size, 2 * size, seed=PHOTO_SEED)
+            photo = self.run_dir("photo") / "synthetic_photo.png"
+            save_image(image, photo)
         size = self.sizes.image_size
+        detector.to(self.device).eval()
         [found] = photos.predict_photos(detector, [photo], size, 2 * size, score_thresh, device=self.device)
+        seen = photos.network_size(found["width"], found["height"], size, 2 * size)
         photo_size = torch.tensor([found["width"], found["height"]] * 2)
         assert ((found["boxes"] >= 0) & (found["boxes"] <= photo_size)).all(), "boxes lie inside the photo"
         best = found["scores"].argsort(descending=True)[:max_boxes]
         print(
-            f"{photo}: {found['width']} x {found['height']} pixels, {len(found['boxes'])} detections with score "
-            f"> {score_thresh}, the best {len(best)} drawn"
+            f"{photo}: {found['width']} x {found['height']} pixels, seen by the network at "
+            f"{seen[0]} x {seen[1]}; {len(found['boxes'])} detections with "
+            f"score > {score_thresh}, the best {len(best)} drawn"
         )
-        return photos.draw_detections(
-            photo, {key: found[key][best] for key in ("boxes", "labels", "scores")}, self.idx_to_class
-        )
+        pixels = np.asarray(photos.open_photo(photo))
+        pred = {key: found[key][best] for key in ("boxes", "labels", "scores")}
+        panels = 1 if gt_boxes is None else 2
+        figure, axes = _pyplot().subplots(1, panels, figsize=(7.5 * panels, 5.5), squeeze=False)
+        if gt_boxes is not None:
+            detection_visualizer(pixels, self.idx_to_class, bbox=gt_boxes, ax=axes[0, 0])
+            axes[0, 0].set_title(f"ground truth: {len(gt_boxes)} objects")
+        detection_visualizer(pixels, self.idx_to_class, pred=pred, ax=axes[0, -1])
+        axes[0, -1].set_title(f"detections: the best {len(best)} of {len(found['boxes'])} with score > {score_thresh}")
+        figure.tight_layout()
+        return figure
 
 
 def _try_imagenet_weights() -> bool:

@@ -35,6 +35,7 @@ _COURSE_NAMES = {
     "draw_detector_outputs": drawing,
     "draw_iou_example": drawing,
     "draw_average_precision_example": drawing,
+    "CROWDED_SCENE": detection_data,
 }
 
 

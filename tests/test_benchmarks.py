@@ -85,3 +85,12 @@ def test_fcos_variants_built_from_parts_are_the_library_presets():
         state, expected = ours.state_dict(), library.state_dict()
         assert state.keys() == expected.keys(), variant
         assert all(torch.equal(state[name], expected[name]) for name in state), variant
+
+
+def test_quick_mode_benchmark_prints_held_out_map_before_and_after(capsys):
+    import bench_notebook_quick_mode
+
+    tiny = ["--image-size", "64", "--num-train", "8", "--num-val", "4", "--train-iters", "2", "--seeds", "0", "1"]
+    bench_notebook_quick_mode.main(["--model", "fcos", *tiny])
+    printed = capsys.readouterr().out
+    assert printed.count("held-out mAP@0.5") == 2 and "spread (max - min)" in printed
