@@ -119,7 +119,8 @@ def show_architecture(build, image_size: int, batch_size: int) -> None:
     try:
         detector = build()
     except NotImplementedError as unwritten:
-        print(f"Not drawn yet, the detector cannot be built: {unwritten}. Run this cell again once it is written.")
+        reason = str(unwritten).rstrip(".")
+        print(f"Not drawn yet, the detector cannot be built: {reason}. Run this cell again once it is written.")
         return
     show(draw_architecture(detector, image_size, batch_size))
 

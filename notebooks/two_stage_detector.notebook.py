@@ -1024,6 +1024,14 @@ assert loss_fell(rcnn_history, factor=1.0 if QUICK else 0.8)
 show(a4_helper.plot_loss_history(rcnn_history, path=RCNN_DIR / "losses.png"))
 
 # %% [markdown]
+# *Look for:* the total falling fast over the first few dozen iterations, then slowly. The second stage's box
+# loss (`loss_box`) rises at first while the others fall: it counts only foreground RoIs, and as the RPN
+# learns, more proposals land on objects, so more RoIs have a box to regress. The spikes of the first tenth
+# of the run come while the warm-up raises the learning rate. On the right, the first stage's objectness
+# error falls (a fraction of the sampled anchors); its box MAE is noisy because each batch samples other
+# positives.
+
+# %% [markdown]
 # ### Try this
 #
 # - In quick mode, double `TRAIN_ITERS` and train again: predict the held-out mAP first.

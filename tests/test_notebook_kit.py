@@ -67,3 +67,13 @@ def test_each_checked_part_is_shown_in_its_section_before_its_check(name):
                 assert part in shown, f"{name}, section {heading!r}: check({part!r}) without show_part({part!r}) above"
                 checked += 1
     assert checked >= 7
+
+
+def test_show_architecture_names_the_unwritten_part_instead_of_failing(capsys):
+    def build():
+        raise NotImplementedError("one_stage_detector.FCOSPredictionNetwork.__init__ is yours to write.")
+
+    assert notebook_kit.show_architecture(build, 64, 1) is None
+    printed = capsys.readouterr().out
+    assert printed.startswith("Not drawn yet, the detector cannot be built: one_stage_detector.FCOSPredictionNetwork")
+    assert "write. Run this cell again" in printed
