@@ -1061,6 +1061,14 @@ print(f"reloaded from {FCOS_CHECKPOINT}: mAP@0.5 {reloaded_voc['map']:.4f} (in m
 print(f"from a shell: python detect.py eval --checkpoint {FCOS_CHECKPOINT}")
 
 # %% [markdown]
+# ### Try this
+#
+# - List what the checkpoint keeps besides the weights (`a4_helper.read_checkpoint(FCOS_CHECKPOINT).keys()`): which of
+#   those does an exact resume need, and why?
+# - Run the training cell again: it finds the finished checkpoint and returns at once. What would it do with
+#   a larger `TRAIN_ITERS`?
+
+# %% [markdown]
 # ## The course's FCOS against the improved one
 #
 # The course's FCOS (`course_fcos`: the plain head, matching anywhere inside a box, the L1 box loss, no

@@ -1124,6 +1124,14 @@ print(f"reloaded from {RCNN_CHECKPOINT}: mAP@0.5 {reloaded_voc['map']:.4f} (in m
 print(f"from a shell: python detect.py eval --checkpoint {RCNN_CHECKPOINT}")
 
 # %% [markdown]
+# ### Try this
+#
+# - List what the checkpoint keeps besides the weights (`a4_helper.read_checkpoint(RCNN_CHECKPOINT).keys()`): which of
+#   those does an exact resume need, and why?
+# - Run the training cell again: it finds the finished checkpoint and returns at once. What would it do with
+#   a larger `TRAIN_ITERS`?
+
+# %% [markdown]
 # ## Faster R-CNN against FCOS
 #
 # A fair comparison needs the same data, backbone, schedule and evaluator. The next cell trains the FCOS of
