@@ -7,7 +7,8 @@ writes the ``RunConfig`` that checkpoints store, draws predictions and exports t
 Only the first cell of a notebook, which finds the repository (and so cannot import from it), stays
 in the notebook.
 
-Imports: ``common``, ``detection_data``, ``drawing``, ``evaluation``, ``experiment`` and matplotlib.
+Imports: ``common``, ``detection_data``, ``drawing``, ``architecture_figure``, ``evaluation``, ``experiment``,
+``photos`` and ``check`` (on first use), IPython and matplotlib.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ import torch
 
 from architecture_figure import draw_architecture
 from common import NMS_THRESH, PICTURE_SCORE_THRESH, SCORE_THRESH, DetectorBackboneWithFPN
-from detection_data import SyntheticDetection, VOC2007DetectionTiny, save_image, synthetic_photo
+from detection_data import SyntheticDetection, VOC2007DetectionTiny, denormalize_image, save_image, synthetic_photo
 from drawing import _pyplot, detection_visualizer
 from evaluation import compute_map, gt_boxes_to_targets, inference_with_detector, plot_precision_recall
 from experiment import RunConfig
@@ -307,8 +308,9 @@ class NotebookRun:
         return a figure of the best ``max_boxes`` detections above ``score_thresh``.
 
         ``photo``: a path; ``upload``: pick one on Colab; neither: a photo-sized synthetic scene
-        (``detection_data.synthetic_photo``, 3 x 2 times ``image_size``, never seen in training), whose ground
-        truth is drawn in a panel beside the detections."""
+        (``detection_data.synthetic_photo``, 3 x 2 times ``image_size``, never seen in training) or, on VOC,
+        the first held-out image (the synthetic shapes' classes are not VOC's), whose ground truth is drawn in
+        a panel beside the detections."""
         import photos
 
         if upload:
@@ -316,8 +318,13 @@ class NotebookRun:
         gt_boxes = None
         if photo is None:
             size = self.sizes.image_size
-            image, gt_boxes = synthetic_photo(3 * size, 2 * size, seed=PHOTO_SEED)
-            photo = self.run_dir("photo") / "synthetic_photo.png"
+            if self.data == "synthetic":
+                image, gt_boxes = synthetic_photo(3 * size, 2 * size, seed=PHOTO_SEED)
+            else:
+                _, normalised, padded = self.val_set[0][:3]
+                image, gt_boxes = torch.from_numpy(denormalize_image(normalised)).permute(2, 0, 1), padded
+                gt_boxes = gt_boxes[gt_boxes[:, 4] >= 0]
+            photo = self.run_dir("photo") / "photo_with_ground_truth.png"
             save_image(image, photo)
         size = self.sizes.image_size
         detector.to(self.device).eval()

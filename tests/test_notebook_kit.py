@@ -77,3 +77,28 @@ def test_show_architecture_names_the_unwritten_part_instead_of_failing(capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("Not drawn yet, the detector cannot be built: one_stage_detector.FCOSPredictionNetwork")
     assert "write. Run this cell again" in printed
+
+
+@pytest.mark.parametrize("data", ["synthetic", "voc2007"])
+def test_try_on_photo_draws_the_ground_truth_beside_the_detections(data, tmp_path, monkeypatch):
+    import torch
+    from conftest import close_figure
+
+    from one_stage_detector import course_fcos
+
+    monkeypatch.setenv("DETECT_RUN_DIR", str(tmp_path))
+    run = notebook_kit.setup("photo", ROOT, quick=True)
+    run.open_data(tmp_path)  # no VOC there: the synthetic shapes
+    run.data = data  # on VOC the held-out images stand in, whatever they hold
+    torch.manual_seed(0)
+    detector = course_fcos(len(run.idx_to_class), 16, [16], pretrained=False)
+    figure = notebook_kit.NotebookRun.try_on_photo(run, detector, score_thresh=0.0)
+    left, right = (ax.get_title() for ax in figure.axes)
+    if data == "synthetic":  # 3 x 2 times the image size, with the objects of its scene
+        size = run.sizes.image_size
+        expected = len(notebook_kit.synthetic_photo(3 * size, 2 * size, notebook_kit.PHOTO_SEED)[1])
+        assert figure.axes[0].get_images()[0].get_array().shape[:2] == (2 * size, 3 * size)
+    else:  # the first held-out image, its padding left out
+        expected = int((run.val_set[0][2][:, 4] >= 0).sum())
+    assert left == f"ground truth: {expected} objects" and right.startswith("detections: the best")
+    close_figure(figure)
