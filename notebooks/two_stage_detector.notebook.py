@@ -1219,7 +1219,7 @@ show(figure)
 # FCOS's head into the first stage (the K class filters are averaged into one "object" filter), which is
 # what `python detect.py train --model faster_rcnn --first-stage fcos --init-from <fcos checkpoint>` does.
 # Below, the FCOS trained in the previous section gives its weights to a Faster R-CNN that then trains
-# for half as many iterations as the anchor one (its backbone and first stage start trained; only the second
+# for a quarter of the anchor one's iterations (its backbone and first stage start trained; only the second
 # stage starts from scratch).
 #
 # Proposals are judged on their own by **average recall** (Hosang et al., 2016): the fraction of objects
@@ -1245,7 +1245,7 @@ fcos_rpn_history = a4_helper.train_detector(
     fcos_faster_rcnn,
     make_train_loader(),
     learning_rate=LEARNING_RATE,
-    max_iters=TRAIN_ITERS // 2,  # its backbone and first stage start trained
+    max_iters=TRAIN_ITERS // 4,  # its backbone and first stage start trained
     log_period=LOG_PERIOD,
     device=DEVICE,
     optimizer=OPTIMIZER,
