@@ -7,8 +7,8 @@ that ``common.iou`` must equal; the opening comes before a learner writes ``comm
 positives and AP with ``evaluation``'s VOC rules, so that a picture never shows a number the code would not give.
 
 matplotlib is imported on first use, so that the rest of the project runs without a display.
-Imports: ``common`` (IoU), ``detection_data`` (to undo the normalisation) and matplotlib; ``evaluation``
-on first use (it imports this module). No detector module: detectors are passed in.
+Imports: ``common`` (box areas), ``detection_data`` (to undo the normalisation), torchvision's ``box_iou`` and
+matplotlib; ``evaluation`` on first use (it imports this module). No detector module: detectors are passed in.
 """
 
 from collections import Counter
