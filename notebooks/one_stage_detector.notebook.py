@@ -470,8 +470,8 @@ check("fcos_head")
 #    the box sides must fall in `(0, 64)` pixels on p3, `(64, 128)` on p4 and above 128 on p5 (the paper's
 #    size ranges, with p5 as our coarsest level taking everything large). The rule measures from the
 #    location, so a box with a side of about 64 to 128 pixels is matched on p3 near its centre (where its
-#    farthest side is close) and on p4 near its edges: one box may appear on two levels. On 96-pixel images
-#    no distance exceeds 96, so p5 gets no foreground at all in quick mode; on 224-pixel images it does;
+#    farthest side is close) and on p4 near its edges: one box may appear on two levels. On 128-pixel images
+#    no distance exceeds 128, so p5 gets no foreground at all in quick mode; on 224-pixel images it does;
 # 3. when several boxes still qualify, the smallest one wins, since the larger one has plenty of other
 #    locations;
 # 4. everything else is background, marked with a row of `-1`.
@@ -615,7 +615,7 @@ print("centerness targets:", centerness.tolist())
 # %% [markdown]
 # The targets of the same image, level by level, drawn over the image (background left transparent):
 # bright in the middle of each box, dark towards its edges. Each level only colours the locations it
-# matched above, so in quick mode the p5 panel stays clear (no 96-pixel image has a distance above 128).
+# matched above, so in quick mode the p5 panel stays clear (no 128-pixel image has a distance above 128).
 
 # %%
 figure, axes = plt.subplots(1, 3, figsize=(15, 5))
@@ -723,9 +723,10 @@ check("nms")
 # An image without objects must still give finite losses: a positive classification loss (it still
 # has to learn "nothing here") and zero box and centerness losses.
 #
-# Until the last section this notebook builds **the course's FCOS**: `course_fcos(...)` builds FCOS from
-# the parts written above (the plain head, matching anywhere inside a box, the L1 box loss), without the
-# improvements that FCOS's authors published after the paper, which `FCOS(...)` has by default.
+# The checks below, and the overfitting run after them, use **the course's FCOS**: `course_fcos(...)` builds
+# FCOS from the parts written above (the plain head, matching anywhere inside a box, the L1 box loss),
+# without the improvements that FCOS's authors published after the paper. "What came after the paper" then
+# turns those on, as `FCOS(...)` has them by default, and that FCOS is the one trained on the whole set.
 
 # %%
 show_part("fcos_losses")

@@ -360,7 +360,7 @@ for a, ratio in enumerate([0.5, 1.0, 2.0]):
 # %% [markdown]
 # The anchors of the RPN we train below (`stride_scale = 8`: sides of 64, 128 and 256 pixels on p3, p4
 # and p5), drawn at the middle location of each level of one of our images. The view reaches beyond the
-# image (its frame is drawn in black) because coarse anchors are larger than it: on the 96-pixel images of
+# image (its frame is drawn in black) because coarse anchors are larger than it: on the 128-pixel images of
 # quick mode even the p3 anchors are 64 pixels, so small objects overlap no anchor well (the section on
 # positive anchors counts them).
 
@@ -551,7 +551,7 @@ anchors_copy = anchors_example[:2].clone()
 decoded = rcnn_apply_deltas_to_anchors(wild, anchors_example[:2])
 assert torch.equal(wild, wild_copy) and torch.equal(anchors_example[:2], anchors_copy), "inputs are never modified"
 # The clamp at work: dw = dh = 50 would scale the anchor by e^50; capped at log(1000 / 16) it scales it by
-# 62.5, so anchor 1 (centre (50, 65), 60 x 50) becomes a 3750 x 3125 box. Far outside a 96-pixel image, and
+# 62.5, so anchor 1 (centre (50, 65), 60 x 50) becomes a 3750 x 3125 box. Far outside a 128-pixel image, and
 # meant to be: decoding does not clip, the first stage clips its proposals afterwards.
 torch.testing.assert_close(decoded[0], torch.tensor([50 - 1875, 65 - 1562.5, 50 + 1875, 65 + 1562.5]))
 
@@ -769,7 +769,9 @@ print({f"{int(side)}px": list(STRIDES)[level] for side, level in zip(sides, roi_
 # must carry its own target: the original course gathered RoI features level by level but built the labels
 # image by image, so with more than one image per batch the labels no longer belonged to the features. The
 # checks below test exactly that: every foreground RoI overlaps its target by at least 0.5 and the target is
-# an object of the RoI's own image; and shuffling the RoIs shuffles their features row for row.
+# an object of the RoI's own image; and shuffling the RoIs shuffles their features row for row. A gather
+# level by level only reorders RoIs that read different levels, so the check first makes sure that they do
+# (on images this small, eq. 1 would send them all to p3) and asserts it before its verdict.
 
 
 # %%
