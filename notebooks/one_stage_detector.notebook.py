@@ -134,7 +134,7 @@ OVERFIT_IMAGES, OVERFIT_ITERS = S.overfit_images, S.overfit_iters
 TRAIN_ITERS, LEARNING_RATE, LOG_PERIOD, OPTIMIZER = S.train_iters, S.learning_rate, S.log_period, S.optimizer
 NUM_WORKERS, DEVICE, PRETRAINED, RUN_DIR = S.num_workers, RUN.device, RUN.pretrained, RUN.run_root
 show, subset, loss_fell = notebook_kit.show, notebook_kit.subset, notebook_kit.loss_fell
-show_part, show_source = notebook_kit.show_part, notebook_kit.show_source  # the code of a step, from its module
+show_part = notebook_kit.show_part  # the source of what a check checks, from its module
 
 # %% [markdown]
 # ## Data
