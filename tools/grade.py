@@ -186,6 +186,9 @@ def split_points(points: float, public: int, hidden: int):
     return share, round(points - share, 2)
 
 
+PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-o", "addopts=", "--color=no"]  # a part's pytest run (check.py too)
+
+
 def pytest_env(part: dict) -> dict:
     """The environment of a part's pytest process."""
     env = dict(os.environ)
@@ -203,8 +206,7 @@ def pytest_env(part: dict) -> dict:
 def run_pytest(tree: Path, nodes: list, junit: Path, log: Path, time_limit: float, env=None):
     """Run pytest on ``nodes`` in ``tree``; return its exit code, or None when it ran past ``time_limit``."""
     env = env if env is not None else pytest_env({})
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--color=no"]
-    command += [f"--junitxml={junit}", *nodes]
+    command = [sys.executable, "-m", "pytest", *PYTEST_ARGS, f"--junitxml={junit}", *nodes]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
