@@ -190,8 +190,9 @@ class NotebookRun:
             self.train_set = VOC2007DetectionTiny(data_dir, "train", download=download_voc, image_size=size)
             self.val_set = VOC2007DetectionTiny(data_dir, "val", image_size=size, return_difficult=True)
         else:
-            self.train_set = SyntheticDetection("train", num_images=self.sizes.num_train, image_size=size)
-            self.val_set = SyntheticDetection("val", num_images=self.sizes.num_val, image_size=size)
+            cache = self.sizes.num_train * size * size <= 256 * 128 * 128  # quick mode: about 50 MB
+            self.train_set = SyntheticDetection("train", num_images=self.sizes.num_train, image_size=size, cache=cache)
+            self.val_set = SyntheticDetection("val", num_images=self.sizes.num_val, image_size=size, cache=cache)
 
     def make_train_loader(self):
         """A fresh, identically seeded training loader for each run, so that runs see the same batches."""

@@ -400,3 +400,18 @@ def test_save_image_then_read_gives_back_the_bytes(tmp_path):
     assert torch.equal(read, (image * 255).round().to(torch.uint8))
     save_image(read, tmp_path / "again.png")  # uint8 is written as it is
     assert torch.equal(detection_data._read_rgb(tmp_path / "again.png"), read)
+
+
+def test_a_cached_synthetic_set_draws_each_image_once_and_hands_out_copies(monkeypatch):
+    plain = SyntheticDetection("train", num_images=3, image_size=64)
+    cached = SyntheticDetection("train", num_images=3, image_size=64, cache=True)
+    draws = []
+    drawer = detection_data._draw_scene
+    monkeypatch.setattr(detection_data, "_draw_scene", lambda *args: draws.append(args) or drawer(*args))
+    first = cached[1]
+    first[1].zero_()  # a caller that changes its item in place must not change the cache
+    first[2].fill_(-1)
+    second = cached[1]
+    assert len(draws) == 1, "drawn once, then read from memory"
+    for want, got in zip(plain[1], second):
+        assert want == got if isinstance(want, str) else torch.equal(want, got)
