@@ -94,3 +94,23 @@ def test_quick_mode_benchmark_prints_held_out_map_before_and_after(capsys):
     bench_notebook_quick_mode.main(["--model", "fcos", *tiny])
     printed = capsys.readouterr().out
     assert printed.count("held-out mAP@0.5") == 2 and "spread (max - min)" in printed
+
+
+def test_notebook_benchmark_times_every_cell_and_compares_with_the_budget(tmp_path, capsys, monkeypatch):
+    import bench_notebooks
+    import nbformat
+
+    for name in ("DETECT_QUICK", "MPLBACKEND", "DETECT_RUN_DIR", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test; the benchmark sets them
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("import time"), nbformat.v4.new_code_cell("time.sleep(1.0)  # slow")]
+    )
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(notebook, path)
+    bench_notebooks.main(["--notebooks", str(path), "--threads", "1", "--budget", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    name, wall, in_cells, budget, verdict = lines[1].split()[:5]
+    assert name == "tiny.ipynb" and float(budget) == 0.5 and verdict == "OVER"
+    assert float(wall) >= float(in_cells) >= 1.0
+    slowest = lines[lines.index("slowest code cells of tiny.ipynb:") + 1]
+    assert slowest.split()[2:4] == ["cell", "1"] and float(slowest.split()[0]) >= 1.0
