@@ -320,6 +320,9 @@ class VOC2007DetectionTiny(torch.utils.data.Dataset):
 
 # Classes differ by shape and by colour, so both cues can be learned.
 SYNTHETIC_CLASSES = ("red_square", "green_disc", "blue_triangle", "yellow_diamond", "magenta_ring", "cyan_cross")
+# The VOC-shaped scene's classes (``VOC_LIKE_SCENE``): three shapes, each filled or outlined, in any colour,
+# so that shape and fill tell them apart, not colour.
+VOC_LIKE_CLASSES = ("square", "disc", "triangle", "square_outline", "disc_outline", "triangle_outline")
 
 
 _SYNTHETIC_COLOURS = torch.tensor(
@@ -341,6 +344,16 @@ _PHOTO_STREAM = 3  # synthetic_photo's seed stream: no photo is an image of a sp
 
 
 _MIN_VISIBLE_FRACTION = 0.5  # an object hidden more than this by later ones is not labelled
+
+# Shapes (indices of ``_shape_mask``) and fills of each class, by ``SceneOptions.classes_by``.
+_SQUARE, _DISC, _TRIANGLE, _DIAMOND, _RING, _CROSS = range(6)
+_CLASS_SHAPES = {
+    "shape and colour": (torch.arange(6), torch.zeros(6, dtype=torch.bool)),
+    "shape and fill": (torch.tensor([_SQUARE, _DISC, _TRIANGLE] * 2), torch.arange(6) >= 3),
+}
+# Distractors (``SceneOptions.max_distractors``) take the shapes that no class of the scene has.
+_DISTRACTOR_SHAPES = torch.tensor([_DIAMOND, _CROSS])
+_OUTLINE_INNER_SCALE = 0.6  # an outlined shape is the shape minus the same shape at 60% of its size
 
 
 def _shape_mask(shape: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -374,48 +387,76 @@ def _textured_background(H: int, W: int, generator: torch.Generator) -> torch.Te
     return base[:, None, None] + smooth + stripes
 
 
-def _sample_objects(H: int, W: int, generator: torch.Generator, scene: "SceneOptions") -> Dict[str, torch.Tensor]:
-    """Classes, centres and sizes of the objects, largest first (small ones end up on top).
-
-    Sizes follow the short side, so that a wide scene holds the objects of a square one of its height;
-    centres spread over the whole image."""
+def _sample_boxes(
+    n: int, H: int, W: int, generator: torch.Generator, scene: "SceneOptions"
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centres and sizes ``(cx, cy, w, h)`` of ``n`` shapes, sides following the short side."""
     rand = functools.partial(torch.rand, generator=generator)
-    n = int(torch.randint(1, scene.max_objects + 1, (1,), generator=generator))
-    labels = torch.randint(0, len(SYNTHETIC_CLASSES), (n,), generator=generator)
     min_side, max_side = scene.min_object_side, scene.max_object_fraction * min(H, W)
-    # Log-uniform sides spread the objects over all three FPN levels.
-    sides = torch.exp(math.log(min_side) + rand(n) * math.log(max_side / min_side))
+    # Log-uniform sides spread the objects over all three FPN levels; a size bias above 1 favours large ones.
+    fraction = rand(n) if scene.size_bias == 1 else rand(n) ** (1 / scene.size_bias)
+    sides = torch.exp(math.log(min_side) + fraction * math.log(max_side / min_side))
     aspect = torch.exp(0.6 * (rand(n) - 0.5))
     w, h = (sides * aspect).clamp(min_side, max_side), (sides / aspect).clamp(min_side, max_side)
     cx, cy = w / 2 + rand(n) * (W - w), h / 2 + rand(n) * (H - h)
-    order = (w * h).argsort(descending=True)
-    colours = (_SYNTHETIC_COLOURS[labels] + 0.05 * torch.randn(n, 3, generator=generator)).clamp(0, 1)
-    return {
-        "labels": labels[order],
-        "cx": cx[order],
-        "cy": cy[order],
-        "w": w[order],
-        "h": h[order],
-        "colours": colours[order],
-        "shade_angle": 2 * math.pi * rand(n),
-    }
+    return cx, cy, w, h
 
 
-def _draw_strokes(image: torch.Tensor, count: int, generator: torch.Generator) -> None:
-    """Paint ``count`` straight strokes, 1-3 px wide, in class colours or grey, onto ``image`` (3, H, W)."""
+def _sample_objects(H: int, W: int, generator: torch.Generator, scene: "SceneOptions") -> Dict[str, torch.Tensor]:
+    """Classes, shapes, fills, centres, sizes and colours of the objects and distractors (label -1), largest
+    first (small ones end up on top).
+
+    Sizes follow the short side, so that a wide scene holds the objects of a square one of its height;
+    centres spread over the whole image."""
+    n = int(torch.randint(1, scene.max_objects + 1, (1,), generator=generator))
+    labels = torch.randint(0, len(SYNTHETIC_CLASSES), (n,), generator=generator)
+    cx, cy, w, h = _sample_boxes(n, H, W, generator, scene)
+    by_colour = scene.classes_by == "shape and colour"
+    palette = labels if by_colour else torch.randint(0, len(_SYNTHETIC_COLOURS), (n,), generator=generator)
+    colours = (_SYNTHETIC_COLOURS[palette] + 0.05 * torch.randn(n, 3, generator=generator)).clamp(0, 1)
+    class_shapes, class_outlined = _CLASS_SHAPES[scene.classes_by]
+    objects = {"labels": labels, "shapes": class_shapes[labels], "outlined": class_outlined[labels]}
+    objects.update(cx=cx, cy=cy, w=w, h=h, colours=colours)
+    if scene.max_distractors > 0:  # no draws otherwise, so that the other scenes stay what they were
+        m = int(torch.randint(0, scene.max_distractors + 1, (1,), generator=generator))
+        kinds = torch.randint(0, len(_DISTRACTOR_SHAPES), (m,), generator=generator)
+        outlined = torch.rand(m, generator=generator) < 0.5
+        palette = torch.randint(0, len(_SYNTHETIC_COLOURS), (m,), generator=generator)
+        noise = 0.05 * torch.randn(m, 3, generator=generator)
+        extra = dict(zip(("cx", "cy", "w", "h"), _sample_boxes(m, H, W, generator, scene)))
+        extra.update(labels=torch.full((m,), -1), shapes=_DISTRACTOR_SHAPES[kinds], outlined=outlined)
+        extra["colours"] = (_SYNTHETIC_COLOURS[palette] + noise).clamp(0, 1)
+        objects = {key: torch.cat([value, extra[key]]) for key, value in objects.items()}
+    order = (objects["w"] * objects["h"]).argsort(descending=True)
+    objects = {key: value[order] for key, value in objects.items()}
+    objects["shade_angle"] = 2 * math.pi * torch.rand(len(order), generator=generator)
+    return objects
+
+
+def _draw_strokes(
+    image: torch.Tensor,
+    count: int,
+    generator: torch.Generator,
+    widths: Tuple[float, float] = (1.0, 3.0),
+    owner: Optional[torch.Tensor] = None,
+) -> None:
+    """Paint ``count`` straight strokes, ``widths`` px wide (from, to), in class colours or grey, onto
+    ``image`` (3, H, W); where ``owner`` (H, W) is given, the pixels they cover show no object any more."""
     H, W = image.shape[-2:]
     rand = functools.partial(torch.rand, generator=generator)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     size = torch.tensor([W, H], dtype=torch.float32)  # ends are (x, y)
     for _ in range(count):
         start, end = rand(2) * size, rand(2) * size
-        width = 1 + 2 * rand(1)
+        width = widths[0] + (widths[1] - widths[0]) * rand(1)
         colour = _SYNTHETIC_COLOURS[int(torch.randint(0, len(SYNTHETIC_CLASSES), (1,), generator=generator))]
         colour = torch.where(rand(1) < 0.5, colour, rand(1).expand(3))
         direction = (end - start) / (end - start).norm().clamp(min=1e-6)
         along = ((xs - start[0]) * direction[0] + (ys - start[1]) * direction[1]).clamp(0, (end - start).norm())
         distance = torch.hypot(xs - start[0] - along * direction[0], ys - start[1] - along * direction[1])
         image[:] = torch.where(distance <= width / 2, colour[:, None, None], image)
+        if owner is not None:
+            owner[distance <= width / 2] = -1
 
 
 def _draw_scene(
@@ -436,12 +477,14 @@ def _draw_scene(
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     owner = torch.full((H, W), -1, dtype=torch.long)
     drawn_pixels = []
-    for k, shape in enumerate(objects["labels"].tolist()):
+    for k, shape in enumerate(objects["shapes"].tolist()):
         cx, cy, w, h = (objects[key][k].item() for key in ("cx", "cy", "w", "h"))
         # Only the object's box can change, so work on that window (objects lie inside the image).
         window = (slice(int(cy - h / 2), math.ceil(cy + h / 2)), slice(int(cx - w / 2), math.ceil(cx + w / 2)))
         u, v = (xs[window] - cx) / (w / 2), (ys[window] - cy) / (h / 2)
         mask = _shape_mask(shape, u, v)
+        if objects["outlined"][k]:
+            mask &= ~_shape_mask(shape, u / _OUTLINE_INNER_SCALE, v / _OUTLINE_INNER_SCALE)
         angle = objects["shade_angle"][k]
         shading = 0.85 + 0.15 * (u * angle.cos() + v * angle.sin()).clamp(-1, 1)  # a soft light direction
         image[:, window[0], window[1]] = torch.where(
@@ -449,9 +492,14 @@ def _draw_scene(
         )
         owner[window][mask] = k
         drawn_pixels.append(mask.sum())
+    if scene.max_occluders > 0:  # bars in front of the objects: poles, fences, a table's edge
+        side = min(H, W)
+        count = int(torch.randint(0, scene.max_occluders + 1, (1,), generator=generator))
+        _draw_strokes(image, count, generator, widths=(0.04 * side, 0.1 * side), owner=owner)
     image = (image + 0.02 * torch.randn(3, H, W, generator=generator)).clamp(0, 1)
     visible = owner[None] == torch.arange(len(drawn_pixels))[:, None, None]  # (N, H, W)
     labelled = visible.sum((1, 2)) >= _MIN_VISIBLE_FRACTION * torch.stack(drawn_pixels)
+    labelled &= objects["labels"] >= 0  # distractors are never labelled
     columns, rows = visible.any(1)[labelled], visible.any(2)[labelled]  # (N, W), (N, H)
     x1, x2 = columns.int().argmax(1), W - columns.flip(1).int().argmax(1)
     y1, y2 = rows.int().argmax(1), H - rows.flip(1).int().argmax(1)
@@ -470,16 +518,54 @@ class SceneOptions:
         max_objects: objects per image are drawn uniformly from 1..max_objects.
         max_strokes: unlabelled straight strokes (clutter) per image, 0..max_strokes, painted under
             the objects in class colours or grey.
+        size_bias: 1 draws object sides log-uniformly between the smallest and the largest; above 1
+            the log-side's fraction of that range is ``u ** (1 / size_bias)``, so most objects are large.
+        classes_by: ``"shape and colour"`` (``SYNTHETIC_CLASSES``: each class has its own shape and
+            colour) or ``"shape and fill"`` (``VOC_LIKE_CLASSES``: square, disc and triangle, filled or
+            outlined, each object in any of the six colours).
+        max_distractors: unlabelled shapes of no class (diamonds and crosses, filled or outlined) per
+            image, 0..max_distractors, drawn among the objects with the same sizes.
+        max_occluders: unlabelled bars 4-10% of the short side wide per image, 0..max_occluders, drawn
+            in front of the objects, so that objects are partly hidden (one more than half hidden is not
+            labelled, as everywhere).
     """
 
     min_object_side: float = 10.0
     max_object_fraction: float = 0.75
     max_objects: int = 8
     max_strokes: int = 0
+    size_bias: float = 1.0
+    classes_by: str = "shape and colour"
+    max_distractors: int = 0
+    max_occluders: int = 0
+
+    def __post_init__(self):
+        if self.classes_by not in _CLASS_SHAPES:
+            raise ValueError(f"classes_by must be one of {tuple(_CLASS_SHAPES)}, got {self.classes_by!r}")
+        if self.size_bias <= 0:
+            raise ValueError(f"size_bias must be positive, got {self.size_bias}")
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        """The class names of this scene, by label."""
+        return SYNTHETIC_CLASSES if self.classes_by == "shape and colour" else VOC_LIKE_CLASSES
 
 
 # A harder scene for accuracy benchmarks: more and smaller objects, so more overlaps, and clutter.
 CROWDED_SCENE = SceneOptions(min_object_side=8.0, max_object_fraction=0.5, max_objects=12, max_strokes=6)
+# Shaped like PASCAL VOC: one to four objects, most of them large (at 128 px, about half are wider than
+# 64 px, a tenth narrower than 32), partly hidden by each other and by bars in front of them, classes told
+# apart by shape and fill rather than colour, and distractor shapes of no class among them.
+VOC_LIKE_SCENE = SceneOptions(
+    min_object_side=12.0,
+    max_object_fraction=0.95,
+    max_objects=4,
+    max_strokes=4,
+    size_bias=2.5,
+    classes_by="shape and fill",
+    max_distractors=2,
+    max_occluders=2,
+)
 
 
 class SyntheticDetection(torch.utils.data.Dataset):
@@ -523,8 +609,8 @@ class SyntheticDetection(torch.utils.data.Dataset):
         self.image_size = image_size
         self.seed = seed
         self.scene = scene or SceneOptions()
-        self.num_classes = len(SYNTHETIC_CLASSES)
-        self.idx_to_class = dict(enumerate(SYNTHETIC_CLASSES))
+        self.num_classes = len(self.scene.classes)
+        self.idx_to_class = dict(enumerate(self.scene.classes))
         self.class_to_idx = {name: idx for idx, name in self.idx_to_class.items()}
         self._drawn: Optional[dict] = {} if cache else None
 

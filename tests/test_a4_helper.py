@@ -36,6 +36,7 @@ _COURSE_NAMES = {
     "draw_iou_example": drawing,
     "draw_average_precision_example": drawing,
     "CROWDED_SCENE": detection_data,
+    "VOC_LIKE_SCENE": detection_data,
     "read_checkpoint": training,
 }
 

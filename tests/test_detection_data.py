@@ -5,6 +5,7 @@ the synthetic shapes and the synthetic photo.
 Hand-computed values carry their arithmetic in a comment.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -415,3 +416,74 @@ def test_a_cached_synthetic_set_draws_each_image_once_and_hands_out_copies(monke
     assert len(draws) == 1, "drawn once, then read from memory"
     for want, got in zip(plain[1], second):
         assert want == got if isinstance(want, str) else torch.equal(want, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# The VOC-shaped scene
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_voc_like_scene_holds_few_objects_mostly_large_named_by_shape_and_fill():
+    dataset = SyntheticDetection("train", num_images=200, image_size=128, seed=5, scene=detection_data.VOC_LIKE_SCENE)
+    assert dataset.idx_to_class == dict(enumerate(detection_data.VOC_LIKE_CLASSES)) and dataset.num_classes == 6
+    boxes = torch.cat([gt[gt[:, 4] >= 0] for _, _, gt in (dataset[i] for i in range(len(dataset)))])
+    sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    assert 1.5 <= len(boxes) / len(dataset) <= 2.5, "one to four objects drawn, some hidden by others"
+    assert (sides >= 64).float().mean() >= 0.4 and (sides < 32).float().mean() <= 0.2, "most objects are large"
+    assert set(boxes[:, 4].int().tolist()) == set(range(6))
+
+
+def test_in_the_voc_like_scene_colour_does_not_tell_the_class():
+    palette = detection_data._SYNTHETIC_COLOURS
+    colours_of = {label: set() for label in range(6)}
+    for seed in range(60):
+        objects = detection_data._sample_objects(
+            128, 128, torch.Generator().manual_seed(seed), detection_data.VOC_LIKE_SCENE
+        )
+        for label, colour in zip(objects["labels"].tolist(), objects["colours"]):
+            if label >= 0:
+                colours_of[label].add(int((palette - colour).norm(dim=1).argmin()))
+    assert all(len(colours) >= 4 for colours in colours_of.values()), colours_of
+    # In the standard scenes each class keeps its own colour.
+    objects = detection_data._sample_objects(128, 128, torch.Generator().manual_seed(0), detection_data.SceneOptions())
+    nearest = (palette[None] - objects["colours"][:, None]).norm(dim=2).argmin(1)
+    assert torch.equal(nearest, objects["labels"])
+
+
+def test_distractors_are_drawn_but_never_labelled():
+    scene = detection_data.SceneOptions(max_objects=1, max_distractors=3, classes_by="shape and fill")
+    distractors = 0
+    for seed in range(30):
+        objects = detection_data._sample_objects(96, 96, torch.Generator().manual_seed(seed), scene)
+        is_distractor = objects["labels"] < 0
+        distractors += int(is_distractor.sum())
+        assert set(objects["shapes"][is_distractor].tolist()) <= {3, 5}, "diamonds and crosses: no class's shape"
+        _, gt_boxes, owner = detection_data._draw_scene(96, 96, torch.Generator().manual_seed(seed), scene)
+        assert len(gt_boxes) <= 1 and (gt_boxes[:, 4] >= 0).all()
+    assert distractors >= 20
+
+
+def test_occluders_hide_parts_of_the_objects_and_leave_them_where_they_were():
+    plain = detection_data.SceneOptions(min_object_side=60, max_object_fraction=0.9, max_objects=2)
+    occluded = dataclasses.replace(plain, max_occluders=3)
+    hidden = 0
+    for seed in range(20):
+        image, boxes, owner = detection_data._draw_scene(96, 96, torch.Generator().manual_seed(seed), plain)
+        image2, boxes2, owner2 = detection_data._draw_scene(96, 96, torch.Generator().manual_seed(seed), occluded)
+        assert ((owner2 == owner) | (owner2 == -1)).all(), "bars only hide pixels, they move nothing"
+        hidden += int(((owner >= 0) & (owner2 == -1)).sum())
+        # A box shrinks or disappears when a bar hides an edge or more than half of the object; it never grows.
+        for box in boxes2:
+            same_object = boxes[boxes[:, 4] == box[4]]
+            assert (
+                len(same_object) and ((box[:2] >= same_object[:, :2]) & (box[2:4] <= same_object[:, 2:4])).all(1).any()
+            )
+    assert hidden > 0
+
+
+@pytest.mark.parametrize(
+    "options, message", [({"classes_by": "colour"}, "classes_by"), ({"size_bias": 0}, "size_bias")]
+)
+def test_scene_options_name_a_wrong_value(options, message):
+    with pytest.raises(ValueError, match=message):
+        detection_data.SceneOptions(**options)
