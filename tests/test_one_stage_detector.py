@@ -238,6 +238,24 @@ def test_matcher_is_fcos_matching_with_its_radius():
         assert all(torch.equal(found[level], expected[level]) for level in STRIDES)
 
 
+def test_a_matcher_with_half_size_ranges_moves_objects_one_level_coarser_and_keeps_its_centre_region():
+    # A location 50 px from its box's farthest side: p3 under the paper's ranges (0, 64), p4 under half
+    # of them (32, 64). A location 1.4 strides from a box's centre stays inside radius 1.5 either way.
+    centre = {"p3": torch.tensor([[60.0, 60.0]]), "p4": torch.tensor([[60.0, 60.0]]), "p5": torch.zeros(0, 2)}
+    box = _padded([[10, 10, 110, 110, 3]])
+    paper, half = FCOSMatcher(1.5)(centre, STRIDES, box), FCOSMatcher(1.5, size_range_scale=0.5)(centre, STRIDES, box)
+    assert (paper["p3"][0, 4].item(), paper["p4"][0, 4].item()) == (3, -1)
+    assert (half["p3"][0, 4].item(), half["p4"][0, 4].item()) == (-1, 3)
+    off_centre = {"p3": torch.tensor([[47.0, 36.0]]), "p4": torch.zeros(0, 2), "p5": torch.zeros(0, 2)}
+    small_box = _padded([[28, 28, 52, 52, 1]])  # centre (40, 40): 7 px = 0.9 strides in x, 4 px in y
+    for scale in (1.0, 0.5):  # its farthest side is 19 px away: inside p3's range at both scales
+        matched = FCOSMatcher(1.5, size_range_scale=scale)(off_centre, STRIDES, small_box)
+        assert matched["p3"][0, 4].item() == 1, scale
+    far = {"p3": torch.tensor([[51.0, 40.0]]), "p4": torch.zeros(0, 2), "p5": torch.zeros(0, 2)}  # 1.4 strides
+    for scale in (1.0, 0.5):
+        assert FCOSMatcher(1.0, size_range_scale=scale)(far, STRIDES, small_box)["p3"][0, 4].item() == -1, scale
+
+
 def test_match_boundary_of_level_ranges_is_exclusive():
     # Location (64, 64) in [0, 0, 128, 128]: LTRB all 64, exactly the p3/p4 boundary -> neither level.
     locations = {"p3": torch.tensor([[64.0, 64.0]]), "p4": torch.tensor([[64.0, 64.0]]), "p5": torch.zeros(0, 2)}
