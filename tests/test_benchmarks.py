@@ -1,6 +1,7 @@
 """The accuracy benchmark compares like with like: the same backbone for every detector of a seed,
 and torchvision's detectors driven through our calling convention with our class numbering."""
 
+import dataclasses
 import os
 import sys
 
@@ -9,6 +10,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import bench_accuracy_vs_torchvision as bench  # noqa: E402
+
+from detection_data import VOC_LIKE_SCENE, SyntheticDetection  # noqa: E402
 
 # 32 channels: torchvision's FCOS head has GroupNorm with 32 groups.
 SMALL = bench.Settings(image_size=64, train_images=4, eval_images=2, fpn_channels=32, stem=(32, 32))
@@ -114,3 +117,22 @@ def test_notebook_benchmark_times_every_cell_and_compares_with_the_budget(tmp_pa
     assert float(wall) >= float(in_cells) >= 1.0
     slowest = lines[lines.index("slowest code cells of tiny.ipynb:") + 1]
     assert slowest.split()[2:4] == ["cell", "1"] and float(slowest.split()[0]) >= 1.0
+
+
+def test_the_voc_like_scene_trains_on_its_own_data_and_sizes_its_recall_by_its_own_edges():
+    settings = dataclasses.replace(SMALL, scene="voc-like")
+    items = bench.data(settings, "train")
+    expected = SyntheticDetection(
+        "train", SMALL.train_images, SMALL.image_size, seed=SMALL.data_seed, scene=VOC_LIKE_SCENE
+    )
+    assert all(torch.equal(item[2], expected[i][2]) for i, item in enumerate(items))
+    assert bench.SCENES["voc-like"]["iters"] > bench.SCENES["crowded"]["iters"]
+    # One 40-px object, found: large among the crowded scene's sizes, medium among the VOC-shaped scene's.
+    truth = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([2])}]
+    found = [
+        {"boxes": torch.tensor([[11.0, 10.0, 50.0, 50.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([2])}
+    ]
+    crowded = bench.where_it_fails(found, truth, bench.SCENES["crowded"]["size_edges"])
+    voc_like = bench.where_it_fails(found, truth, bench.SCENES["voc-like"]["size_edges"])
+    assert (crowded["recall_large"], crowded["recall_medium"]) == (1.0, 0.0)
+    assert (voc_like["recall_large"], voc_like["recall_medium"]) == (0.0, 1.0)
