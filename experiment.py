@@ -35,6 +35,10 @@ _FCOS_DEFAULTS = {
 }
 # FCOS options that measured no better and were removed (docs/accuracy.md), with the value that meant
 # "off" and the last commit whose library trains them. A stored configuration that turns one on is refused.
+# Whether each variant's Faster R-CNN feeds the backbone's c2 into p3 (``DetectorBackboneWithFPN``'s
+# ``fine_p3``), which every RoI of a small image reads: improved, it learned better on both of the accuracy
+# benchmark's scenes (docs/accuracy.md).
+RCNN_FINE_P3 = {"improved": True, "course": False}
 RETIRED_FCOS_OPTIONS = {
     "exp_deltas": False,
     "quality_focal": False,
@@ -62,8 +66,9 @@ class RunConfig:
     objects, about twice the compute (docs/accuracy.md). ``fine_p3`` and ``object_balance`` are the FCOS
     builders' options of those names; ``None`` means the variant's value, and a checkpoint stores
     the value it was built with, so that it keeps its meaning when the defaults move on (a stored FCOS
-    configuration without them predates them: off). Faster R-CNN's backbone has ``fine_p3`` only when
-    it starts from an FCOS that has it (``detect.py train --init-from``).
+    configuration without them predates them: off). Faster R-CNN's backbone has ``fine_p3`` as its variant
+    says (``RCNN_FINE_P3``: improved, yes), or as the FCOS it starts from has it (``detect.py train
+    --init-from``); a stored Faster R-CNN configuration without it predates it: off.
     ``num_classes`` and ``idx_to_class`` come from the training data once it is open.
     """
 
@@ -107,6 +112,8 @@ class RunConfig:
         """This configuration with the variant's defaults filled in (Faster R-CNN's first stage, FCOS's
         options): what is built, and what a checkpoint stores."""
         values = {"first_stage": self.resolved_first_stage}
+        if self.model == "faster_rcnn":
+            values["fine_p3"] = RCNN_FINE_P3[self.variant] if self.fine_p3 is None else self.fine_p3
         if self.model == "fcos":
             options = self.fcos_options()
             values.update({name: options.get(name, _FCOS_DEFAULTS[self.variant][name]) for name in _FCOS_FIELDS})
@@ -138,6 +145,7 @@ class RunConfig:
         values.setdefault("variant", "course")
         if values.get("model") == "faster_rcnn":
             values.setdefault("first_stage", "rpn")
+            values.setdefault("fine_p3", False)  # written before Faster R-CNN had it by default
         if values.get("model", cls.model) == "fcos":  # written before these options: they were off
             values.setdefault("fine_p3", False)
             values.setdefault("object_balance", 0.0)
@@ -185,7 +193,7 @@ def build_detector(config: Union[RunConfig, Mapping[str, Any]], pretrained=False
     for name in ("p2", "object_balance"):
         if getattr(config, name):
             raise ValueError(f"{name} is an option of FCOS only, not of Faster R-CNN.")
-    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained, fine_p3=bool(config.fine_p3))
+    backbone = DetectorBackboneWithFPN(fpn_channels, pretrained=pretrained, fine_p3=config.resolved().fine_p3)
     proposal_counts = dict(pre_nms_topk=400, post_nms_topk=80)
     if config.resolved_first_stage == "fcos":
         course_parts = {**course_fcos_parts(1, fpn_channels, stem_channels), "nms_per_level": False}

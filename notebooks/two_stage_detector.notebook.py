@@ -918,7 +918,8 @@ print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map
 # %% [markdown]
 # ## What came after the paper
 #
-# Three changes, each a keyword that is on by default and off in `COURSE_RPN` / `COURSE_FASTER_RCNN`:
+# Three changes, each a keyword that is on by default and off in `COURSE_RPN` / `COURSE_FASTER_RCNN`, and a
+# fourth in the backbone:
 #
 # - `RPN(allow_low_quality_matches=True)`: each object's best anchors are positive even below the upper
 #   threshold (Faster R-CNN Sec. 3.1.2, the rule the course left out). An object smaller or thinner than
@@ -929,6 +930,10 @@ print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map
 # - `FasterRCNN(roi_stem_he_init=True)`: the RoI head's convs start from He's initialisation instead of
 #   N(0, 0.01), which shrinks the signal about tenfold per conv, so that the head first sees almost
 #   nothing and learns slowly (detectron2's and torchvision's conv heads use He's).
+# - `DetectorBackboneWithFPN(fine_p3=True)`: the backbone's stride-4 stage c2 is fed into p3 through one
+#   strided conv, as in the FCOS notebook. By the FPN paper's Eq. 1 (the RoI section above) every RoI of a
+#   128-pixel image reads p3, so sharper p3 features reach every RoI. `detect.py` builds the improved
+#   Faster R-CNN with it (`experiment.RCNN_FINE_P3`).
 #
 # `benchmarks/bench_accuracy_vs_torchvision.py` measures each alone and all together, mean over three
 # seeds, next to torchvision's `FasterRCNN`; `docs/accuracy.md` has the table. The first
@@ -939,7 +944,8 @@ print(f"mAP@0.5 on the {OVERFIT_IMAGES} training images it overfit: {overfit_map
 #
 # What they add, measured over three seeds on the accuracy benchmark's crowded scenes
 # (`python benchmarks/bench_accuracy_vs_torchvision.py`, the Faster R-CNN table of `docs/accuracy.md`):
-# mAP@0.5 0.232 for the course's detector, 0.371 with the low-quality matches alone, 0.471 with all three.
+# mAP@0.5 0.232 for the course's detector, 0.371 with the low-quality matches alone, 0.471 with all three,
+# and 0.511 with `fine_p3` as well.
 
 # %%
 real_rows = gt_boxes[..., 4] >= 0

@@ -24,7 +24,19 @@ def test_a_stored_config_reads_back_as_the_same_config(model):
     assert RunConfig.from_dict(json.loads(json.dumps(stored))).idx_to_class == CLASSES
     assert ("first_stage" in stored) == (model == "faster_rcnn") and "init_from" not in stored
     # FCOS's options are stored as built, so that a checkpoint keeps its meaning when the defaults change.
-    assert (stored.get("fine_p3"), stored.get("object_balance")) == ((True, 0.5) if model == "fcos" else (None, None))
+    assert (stored.get("fine_p3"), stored.get("object_balance")) == ((True, 0.5) if model == "fcos" else (True, None))
+
+
+def test_faster_rcnn_feeds_c2_into_p3_when_improved_and_did_not_before():
+    for variant, fine_p3 in (("improved", True), ("course", False)):
+        config = RunConfig(model="faster_rcnn", variant=variant, fpn_channels=16, num_classes=2)
+        assert config.resolved().fine_p3 is fine_p3 and build_detector(config).backbone.fine_p3 is fine_p3
+    # Stored before it was a default, an improved Faster R-CNN had none; stored with it, it keeps it.
+    old = {"model": "faster_rcnn", "variant": "improved", "first_stage": "fcos", "fpn_channels": 16, "num_classes": 2}
+    detector = build_detector(RunConfig.from_dict(old))
+    assert not detector.backbone.fine_p3 and "backbone.fpn_params.c2_to_p3.weight" not in detector.state_dict()
+    assert build_detector(RunConfig.from_dict({**old, "fine_p3": True})).backbone.fine_p3
+    assert not RunConfig(model="faster_rcnn", fine_p3=False).resolved().fine_p3  # an explicit choice stays
 
 
 def test_old_configs_mean_what_they_meant_when_they_were_written():
