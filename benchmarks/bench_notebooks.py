@@ -15,6 +15,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [ROOT / "notebooks" / "one_stage_detector.ipynb", ROOT / "notebooks" / "two_stage_detector.ipynb"]
@@ -31,8 +32,9 @@ def cell_seconds(cell) -> float:
     return (end - start).total_seconds()
 
 
-def run_notebook(path: Path, threads: int) -> dict:
-    """Execute ``path`` in quick mode; its wall time, time in cells and the (seconds, cell number, first line)."""
+def run_notebook(path: Path, threads: int, save_to: Optional[Path] = None) -> dict:
+    """Execute ``path`` in quick mode; its wall time, time in cells and the (seconds, cell number, first line).
+    ``save_to``: a folder to write the executed notebook to, outputs included."""
     import nbclient
     import nbformat
 
@@ -51,6 +53,9 @@ def run_notebook(path: Path, threads: int) -> dict:
         start = time.perf_counter()
         client.execute()
         wall = time.perf_counter() - start
+    if save_to is not None:
+        save_to.mkdir(parents=True, exist_ok=True)
+        nbformat.write(notebook, save_to / path.name)
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     cells = [(cell_seconds(cell), n, (cell.source.splitlines() or [""])[0]) for n, cell in enumerate(code_cells)]
     return {"wall": wall, "in_cells": sum(seconds for seconds, _, _ in cells), "cells": sorted(cells, reverse=True)}
@@ -62,8 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the kernel (2: the CI machine)")
     parser.add_argument("--slowest", type=int, default=5, help="how many of the slowest cells to list")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="the wall time to compare with, seconds")
+    parser.add_argument("--save-to", type=Path, help="write the executed notebooks, with their outputs, here")
     args = parser.parse_args(argv)
-    results = {path: run_notebook(path, args.threads) for path in args.notebooks}
+    results = {path: run_notebook(path, args.threads, args.save_to) for path in args.notebooks}
     print(f"{'notebook':<28}{'wall s':>8}{'in cells s':>12}{'budget s':>10}  verdict ({args.threads} threads)")
     for path, result in results.items():
         verdict = "within" if result["wall"] <= args.budget else "OVER"

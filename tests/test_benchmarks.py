@@ -110,13 +110,16 @@ def test_notebook_benchmark_times_every_cell_and_compares_with_the_budget(tmp_pa
     )
     path = tmp_path / "tiny.ipynb"
     nbformat.write(notebook, path)
-    bench_notebooks.main(["--notebooks", str(path), "--threads", "1", "--budget", "0.5"])
+    bench_notebooks.main(
+        ["--notebooks", str(path), "--threads", "1", "--budget", "0.5", "--save-to", str(tmp_path / "ran")]
+    )
     lines = capsys.readouterr().out.splitlines()
     name, wall, in_cells, budget, verdict = lines[1].split()[:5]
     assert name == "tiny.ipynb" and float(budget) == 0.5 and verdict == "OVER"
     assert float(wall) >= float(in_cells) >= 1.0
     slowest = lines[lines.index("slowest code cells of tiny.ipynb:") + 1]
     assert slowest.split()[2:4] == ["cell", "1"] and float(slowest.split()[0]) >= 1.0
+    assert nbformat.read(tmp_path / "ran" / "tiny.ipynb", as_version=4).cells[1].metadata["execution"]
 
 
 def test_the_voc_like_scene_trains_on_its_own_data_and_sizes_its_recall_by_its_own_edges():
