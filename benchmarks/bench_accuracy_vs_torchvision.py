@@ -161,6 +161,7 @@ RCNN_VARIANTS = {
     "default +RoI level k0=5": (None, {"roi_canonical_level": 5}),
     "default +2 FC layers": (None, {"fc_channels": (256, 256)}),
     "default +size ranges x0.5": ({"matcher": FCOSMatcher(1.5, size_range_scale=0.5)}, {}),
+    "default -fine p3": (None, {"fine_p3": False}),  # the default before fine_p3 (docs/accuracy.md)
 }
 # What a run without --variants trains: for Faster R-CNN also the RPN, which compares like with like.
 DEFAULT_VARIANTS = {"fcos": ["default"], "faster_rcnn": ["default", "RPN first stage"]}
@@ -234,7 +235,9 @@ def build(detector: str, variant: str, settings: Settings) -> nn.Module:
     if variant == "torchvision":
         return TorchvisionAdapter(tv_builders.build_torchvision_faster_rcnn(), background_first=True)
     rpn_options, head_options = RCNN_VARIANTS[variant]
-    backbone = DetectorBackboneWithFPN(C, pretrained=False)
+    head_options = dict(head_options)  # fine_p3 is the backbone's: on, as experiment.RCNN_FINE_P3, but in the course's
+    fine_p3 = head_options.pop("fine_p3", not variant.startswith("course"))
+    backbone = DetectorBackboneWithFPN(C, pretrained=False, fine_p3=fine_p3)
     if rpn_options is None or "matcher" in rpn_options:  # an FCOS first stage
         rpn = FCOSProposalNetwork(C, stem, pre_nms_topk=400, post_nms_topk=80, **(rpn_options or {}))
     else:
