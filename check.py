@@ -12,9 +12,10 @@ In a terminal::
 
 The parts, their points and their tests are those of ``tools/parts.json``. Each check runs pytest in a
 fresh process, so it sees the modules as they are saved now, whatever a notebook has imported. Where the
-system allows it, that process is forked from a helper that has imported torch and torchvision once
-(``multiprocessing``'s forkserver), which saves about three seconds of imports per check; the project's own
-modules are never imported before the fork. As in the
+system allows it (Linux, Colab included), that process is forked from a helper that has imported torch and
+torchvision once (``multiprocessing``'s forkserver), which saves about three seconds of imports per check;
+the project's own modules are never imported before the fork. Elsewhere (macOS, where forking a process
+that has loaded system frameworks is unsafe, and Windows) it is a new Python process. As in the
 grader, the other parts' functions answer from recorded data meanwhile (``tests/parts_from_data.py``), so a
 part can be checked before the parts it calls are written. A failure
 is shown with pytest's explanation (the expected and the actual values); a part that is still a stub is
@@ -90,8 +91,8 @@ def check(name: str, verbose: bool = True) -> Tuple[float, float]:
 
 
 def _forkserver() -> Optional[multiprocessing.context.BaseContext]:
-    """The forkserver context, its server preloading torch and torchvision; None where there is none (Windows)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """The forkserver context, its server preloading torch and torchvision; None off Linux."""
+    if not sys.platform.startswith("linux") or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
