@@ -33,12 +33,12 @@ _FCOS_DEFAULTS = {
     variant: {name: inspect.signature(builder).parameters[name].default for name in _FCOS_FIELDS}
     for variant, builder in FCOS_BUILDERS.items()
 }
-# FCOS options that measured no better and were removed (docs/accuracy.md), with the value that meant
-# "off" and the last commit whose library trains them. A stored configuration that turns one on is refused.
 # Whether each variant's Faster R-CNN feeds the backbone's c2 into p3 (``DetectorBackboneWithFPN``'s
 # ``fine_p3``), which every RoI of a small image reads: improved, it learned better on both of the accuracy
 # benchmark's scenes (docs/accuracy.md).
 RCNN_FINE_P3 = {"improved": True, "course": False}
+# FCOS options that measured no better and were removed (docs/accuracy.md), with the value that meant
+# "off" and the last commit whose library trains them. A stored configuration that turns one on is refused.
 RETIRED_FCOS_OPTIONS = {
     "exp_deltas": False,
     "quality_focal": False,
