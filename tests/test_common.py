@@ -258,3 +258,100 @@ def test_backbone_with_p2_shapes_and_same_start_for_p3_to_p5():
 def test_backbone_refuses_other_levels(levels):
     with pytest.raises(ValueError, match=r"FPN levels must be \('p3', 'p4', 'p5'\) or \('p2'"):
         DetectorBackboneWithFPN(out_channels=16, pretrained=False, levels=levels)
+
+
+def _with_running_statistics(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm running statistics and an affine map that are far from their start (0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            channels = bn.num_features
+            bn.running_mean.copy_(torch.randn(channels, generator=generator))
+            bn.running_var.copy_(torch.rand(channels, generator=generator) * 2 + 0.1)
+            bn.weight.copy_(torch.randn(channels, generator=generator))
+            bn.bias.copy_(torch.randn(channels, generator=generator))
+    return module
+
+
+@pytest.mark.parametrize(("groups", "bias"), [(1, False), (1, True), (2, False)])
+def test_fold_batchnorm_into_conv_equals_conv_then_batchnorm(groups, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=groups, bias=bias)
+    bn = _with_running_statistics(torch.nn.BatchNorm2d(6)).eval()
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        assert_close(common.fold_batchnorm_into_conv(conv, bn)(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_folds_every_batchnorm_of_the_trunk_and_leaves_the_original_alone():
+    trunk = _with_running_statistics(DetectorBackboneWithFPN(16, pretrained=False).backbone).eval()
+    before = {name: tensor.clone() for name, tensor in trunk.state_dict().items()}
+    folded = common.fold_batchnorm(trunk)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules()) == 71  # RegNetX-400MF's
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for stage, expected in trunk(x).items():
+            assert_close(folded(x)[stage], expected, rtol=1e-4, atol=1e-4)
+    for name, tensor in trunk.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def _backbone_outputs(backbone: DetectorBackboneWithFPN, images: torch.Tensor, fold: bool):
+    backbone.fold_batchnorm = fold
+    with torch.no_grad():
+        return backbone(images)
+
+
+def _assert_same_up_to_rounding(actual, expected):
+    assert_close(actual, expected, rtol=1e-4, atol=1e-4)  # random statistics amplify float32 rounding
+
+
+def test_backbone_folds_batchnorm_in_eval_only_and_follows_every_weight_change():
+    torch.manual_seed(0)
+    backbone = _with_running_statistics(DetectorBackboneWithFPN(16, pretrained=False, fine_p3=True))
+    keys = list(backbone.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    backbone.eval()
+    _assert_same_up_to_rounding(_backbone_outputs(backbone, images, True), _backbone_outputs(backbone, images, False))
+    assert backbone._folded_trunk is not None and list(backbone.state_dict()) == keys  # the copy is not saved
+
+    # A training step changes weights and running statistics; eval mode must then fold the new ones.
+    backbone.train()
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    sum(level.square().mean() for level in backbone(images).values()).backward()
+    optimizer.step()
+    backbone.eval()
+    after_step = _backbone_outputs(backbone, images, True)
+    _assert_same_up_to_rounding(after_step, _backbone_outputs(backbone, images, False))
+
+    # So must loading other weights while in eval mode, and a change of dtype.
+    other = _with_running_statistics(DetectorBackboneWithFPN(16, pretrained=False, fine_p3=True), seed=1)
+    backbone.load_state_dict(other.state_dict())
+    loaded = _backbone_outputs(backbone, images, True)
+    _assert_same_up_to_rounding(loaded, _backbone_outputs(other.eval(), images, False))
+    assert not torch.allclose(loaded["p3"], after_step["p3"])
+    backbone.double()
+    doubled = images.double()
+    _assert_same_up_to_rounding(_backbone_outputs(backbone, doubled, True), _backbone_outputs(backbone, doubled, False))
+    assert backbone._folded_trunk.module.stem[0].weight.dtype == torch.float64
+
+    # Switching to eval mode after replacing a part of the trunk folds the new part; eval() in eval mode keeps the copy.
+    folded = backbone._folded_trunk
+    backbone.eval()
+    assert backbone._folded_trunk is folded
+    backbone.backbone.stem[0] = torch.nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False).double()
+    backbone.train().eval()
+    _assert_same_up_to_rounding(_backbone_outputs(backbone, doubled, True), _backbone_outputs(backbone, doubled, False))
+
+
+def test_backbone_in_eval_runs_a_hooked_trunk_itself():
+    backbone = DetectorBackboneWithFPN(16, pretrained=False).eval()
+    images = torch.randn(1, 3, 64, 64)
+    _backbone_outputs(backbone, images, True)  # the folded copy exists before the hook does
+    seen = []
+    handle = backbone.backbone.stem.register_forward_hook(lambda *args: seen.append(1))
+    _backbone_outputs(backbone, images, True)
+    handle.remove()
+    _backbone_outputs(backbone, images, True)
+    assert seen == [1]
