@@ -26,8 +26,6 @@ Imports: the standard library and ``tools/grade.py`` (pytest, torch and torchvis
 """
 
 import json
-import multiprocessing
-import os
 import re
 import sys
 import tempfile
@@ -42,7 +40,6 @@ PARTS_FILE = ROOT / "tools" / "parts.json"
 STUB_MARK = "is yours to write"  # the words of a stub's NotImplementedError (tools/make_assignment.py)
 MAX_LINES = 12  # explanation lines shown per failed test
 TIME_LIMIT_S = 300  # a part's tests, as the grader's default
-PRELOAD = ["torch", "torchvision"]  # imported once by the forkserver; never a module of this project
 
 
 def load_parts(path: Path = PARTS_FILE) -> List[dict]:
@@ -90,49 +87,10 @@ def check(name: str, verbose: bool = True) -> Tuple[float, float]:
     return earned, float(part["points"])
 
 
-def _forkserver() -> Optional[multiprocessing.context.BaseContext]:
-    """The forkserver context, its server preloading torch and torchvision; None off Linux."""
-    if not sys.platform.startswith("linux") or "forkserver" not in multiprocessing.get_all_start_methods():
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    return context
-
-
-def _pytest_in_child(root: str, nodes: List[str], junit: str, log: str, env: dict) -> None:
-    """A forked child's work: the part's tests in ``root`` with ``env``, pytest's output to ``log``."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(root)
-    sys.path.insert(0, root)  # as ``python -m pytest`` run in root
-    import torch  # already imported by the server: only its thread count is set here
-
-    torch.set_num_threads(max(int(env.get("OMP_NUM_THREADS", "1")), 1))
-    with open(log, "wb") as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-    import pytest
-
-    code = pytest.main([*grade.PYTEST_ARGS, f"--junitxml={junit}", *nodes])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(code))
-
-
 def _run_tests(part: dict, junit: Path, log: Path) -> Optional[int]:
     """Run ``part``'s public tests as the grader does; pytest's exit code, or None if it ran past TIME_LIMIT_S."""
     env = grade.pytest_env(part)  # the grader's environment, so the part's forbidden operators raise here too
-    context = _forkserver()
-    if context is None:
-        return grade.run_pytest(ROOT, part["tests"], junit, log, TIME_LIMIT_S, env=env)
-    child = context.Process(target=_pytest_in_child, args=(str(ROOT), part["tests"], str(junit), str(log), env))
-    child.start()
-    child.join(TIME_LIMIT_S)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        return None
-    return child.exitcode
+    return grade.run_pytest(ROOT, part["tests"], junit, log, TIME_LIMIT_S, env=env)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRADE = os.path.join(ROOT, "tools", "grade.py")
@@ -178,3 +181,41 @@ def test_junit_counting_fails_skips_and_errors(tmp_path):
     passed, run, failures = module.read_junit(junit)
     assert (passed, run) == (1, 4)
     assert [name for name, _ in failures] == ["t::a[1]", "t::b", "t::c"]
+
+
+def _tree_whose_test_starts_a_sleeper(tmp_path):
+    """A tree with one test that starts ``sleep 60`` in the background, writes its pid, then hangs."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "test_sleeper.py").write_text(
+        "import pathlib, subprocess, time\n"
+        "def test_hangs():\n"
+        "    sleeper = subprocess.Popen(['sleep', '60'])\n"
+        "    pathlib.Path('sleeper.pid').write_text(str(sleeper.pid))\n"
+        "    time.sleep(60)\n"
+    )
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as stat:  # still listed: gone if only a zombie waiting for its parent
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forkserver", "new process"])
+def test_a_part_past_its_time_limit_is_stopped_with_every_process_it_started(tmp_path, monkeypatch, forked):
+    module = grade_module()
+    if not forked or module._forkserver() is None:
+        monkeypatch.setattr(module, "_forkserver", lambda: None)
+    tree = _tree_whose_test_starts_a_sleeper(tmp_path)
+    code = module.run_pytest(tree, ["test_sleeper.py"], tmp_path / "junit.xml", tmp_path / "log.txt", time_limit=3)
+    assert code is None
+    sleeper = int((tree / "sleeper.pid").read_text())
+    deadline = time.monotonic() + 5
+    while not _gone(sleeper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(sleeper), "the test's own child process outlived the time limit"
