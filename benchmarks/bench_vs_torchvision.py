@@ -17,7 +17,11 @@ Rows:
     channels-last layout that our detectors use by default (``channels_last=True``);
   * with --torchvision-channels-last, torchvision's detectors converted to channels-last too, to
     tell how much of the difference is the layout alone;
-  * with --p2, both FCOS with the FPN level of stride 4 as well (``FCOS(..., fpn_levels=...)``).
+  * with --p2, both FCOS with the FPN level of stride 4 as well (``improved_fcos(..., fpn_levels=...)``);
+  * with --compile, our detectors under ``torch.compile`` as well (``training.compile_detector``), and
+    how long their first training step and first inference took (the compilation);
+  * with --profile, what a training step of ours spends above the floor: ``torch.profiler``'s self CPU
+    time per operator, ours minus the channels-last backbone + FPN's, largest first.
 The detectors take turns step by step, so that all see the same machine load; the table gives
 medians and ratios ours / torchvision. Peak memory is the peak of the CUDA allocator on a GPU;
 on the CPU it is how far the process's resident memory rises above its level before two steps
@@ -51,7 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from a4_helper import SyntheticDetection  # noqa: E402
 from common import FPN_LEVELS, P2_LEVELS, DetectorBackboneWithFPN  # noqa: E402
-from one_stage_detector import FCOS  # noqa: E402
+from one_stage_detector import improved_fcos  # noqa: E402
+from training import compile_detector  # noqa: E402
 from two_stage_detector import RPN, FasterRCNN  # noqa: E402
 
 NUM_CLASSES, FPN_CHANNELS, IMAGE_SIZE, STEM = 20, 64, 224, [64, 64]
@@ -60,6 +65,8 @@ NUM_CLASSES, FPN_CHANNELS, IMAGE_SIZE, STEM = 20, 64, 224, [64, 64]
 FCOS_SCORE, FCOS_NMS, RCNN_SCORE, RCNN_NMS, DETECTIONS = 0.05, 0.6, 0.05, 0.5, 100
 CHANNELS_LAST = " channels_last"  # a row whose model is converted to that memory layout
 P2 = " +p2"  # a row whose FCOS has the FPN level of stride 4
+COMPILED = " compiled"  # a row whose detector runs under torch.compile
+FLOOR = "backbone+FPN" + CHANNELS_LAST  # what --profile subtracts
 
 
 class _OrderedFPN(nn.Module):
@@ -79,7 +86,7 @@ def _no_resize() -> dict:
 
 
 def build_our_fcos(levels=FPN_LEVELS) -> nn.Module:
-    return FCOS(
+    return improved_fcos(
         NUM_CLASSES,
         FPN_CHANNELS,
         STEM,
@@ -195,11 +202,13 @@ def make_runners(names: List[str], batch_size: int, device: torch.device) -> Dic
     runners = {}
     for name in names:
         torch.manual_seed(0)
-        build, inputs, infer = specs[name.removesuffix(CHANNELS_LAST)]
+        build, inputs, infer = specs[name.removesuffix(CHANNELS_LAST).removesuffix(COMPILED)]
         model = build()
         if name.endswith(CHANNELS_LAST):  # our backbone then lays out the images the same way
             model.to(memory_format=torch.channels_last)
         runners[name] = Runner(name, model, inputs, infer, device)
+        if name.endswith(COMPILED):
+            compile_detector(runners[name].model)
     return runners
 
 
@@ -209,9 +218,11 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(runners: Dict[str, Runner], steps: int, warmup: int, device: torch.device):
-    """Median seconds of a training step and of batch-1 inference per detector, runs interleaved."""
+    """Median seconds of a training step and of batch-1 inference per detector, runs interleaved, and the
+    seconds of each detector's first training step and first inference (``{name: (train, infer)}``)."""
     train = {name: [] for name in runners}
     infer = {name: [] for name in runners}
+    first = {name: [0.0, 0.0] for name in runners}
     images = next(iter(runners.values())).train_inputs[0]
     for step in range(warmup + steps):
         for name, runner in runners.items():
@@ -219,6 +230,8 @@ def time_interleaved(runners: Dict[str, Runner], steps: int, warmup: int, device
             start = time.perf_counter()
             runner.train_step()
             _sync(device)
+            if step == 0:
+                first[name][0] = time.perf_counter() - start
             if step >= warmup:
                 train[name].append(time.perf_counter() - start)
     for step in range(warmup + steps):
@@ -228,11 +241,33 @@ def time_interleaved(runners: Dict[str, Runner], steps: int, warmup: int, device
             start = time.perf_counter()
             runner.infer(image)
             _sync(device)
+            if step == 0:
+                first[name][1] = time.perf_counter() - start
             if step >= warmup:
                 infer[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in train.items()}, {
-        name: statistics.median(t) for name, t in infer.items()
-    }
+    medians = [{name: statistics.median(t) for name, t in times.items()} for times in (train, infer)]
+    return (*medians, first)
+
+
+def self_time_per_step(runner: Runner, steps: int) -> Dict[str, float]:
+    """``torch.profiler``'s self CPU seconds per training step of each operator (after one untimed step)."""
+    runner.train_step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            runner.train_step()
+    return {event.key: event.self_cpu_time_total / 1e6 / steps for event in profiler.key_averages()}
+
+
+def profile_above_floor(runners: Dict[str, Runner], steps: int = 3, top: int = 8) -> Dict[str, List[tuple]]:
+    """For each of our detectors, the ``top`` operators whose self CPU time per training step exceeds the
+    floor's (the channels-last backbone + FPN) the most: ``[(operator, extra seconds), ...]``."""
+    floor = self_time_per_step(runners[FLOOR], steps)
+    above = {}
+    for name in (name for name in runners if "ours" in name):
+        ours = self_time_per_step(runners[name], steps)
+        extra = {op: ours.get(op, 0.0) - floor.get(op, 0.0) for op in set(ours) | set(floor)}
+        above[name] = sorted(extra.items(), key=lambda item: -item[1])[:top]
+    return above
 
 
 def _status_bytes(field: str) -> int:
@@ -301,6 +336,10 @@ def main():
         help="also time torchvision's detectors with the backbone and heads in channels-last layout",
     )
     parser.add_argument("--p2", action="store_true", help="also time both FCOS with the FPN level of stride 4")
+    parser.add_argument("--compile", action="store_true", help="also time our detectors under torch.compile")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print what our training steps spend above the floor, by operator"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -311,8 +350,10 @@ def main():
         names += ["FCOS torchvision" + CHANNELS_LAST, "Faster R-CNN torchvision" + CHANNELS_LAST]
     if args.p2:
         names += ["FCOS ours" + P2, "FCOS torchvision" + P2]
+    if args.compile:
+        names += ["FCOS ours" + COMPILED, "Faster R-CNN ours" + COMPILED]
     runners = make_runners(names, args.batch_size, device)
-    train, infer = time_interleaved(runners, args.steps, args.warmup, device)
+    train, infer, first = time_interleaved(runners, args.steps, args.warmup, device)
     memory = {} if args.no_memory else memory_in_fresh_processes(names, args.batch_size, args.device, args.threads)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
@@ -325,13 +366,21 @@ def main():
         header += f"{'peak MiB train':>16s}{'infer':>8s}"
     print(header)
     for name in names:
-        theirs = name.replace("ours", "torchvision")
+        theirs = name.replace("ours", "torchvision").removesuffix(COMPILED)
         compare = "ours" in name
         row = f"{name:38s}{train[name] * 1e3:9.0f} ms{_ratio(train[name], train[theirs]) if compare else '':>8s}"
         row += f"{infer[name] * 1e3:12.1f} ms{_ratio(infer[name], infer[theirs]) if compare else '':>8s}"
         if memory:
             row += f"{memory[name]['train'] / 2**20:16.0f}{memory[name]['infer'] / 2**20:8.0f}"
         print(row)
+    for name in (name for name in names if name.endswith(COMPILED)):
+        seconds = first[name]
+        print(f"{name}: first training step {seconds[0]:.1f} s, first inference {seconds[1]:.1f} s (compiling)")
+    if args.profile:
+        for name, ops in profile_above_floor(runners).items():
+            print(f"{name}, a training step above the floor ({FLOOR}), self CPU time by operator:")
+            for op, seconds in ops:
+                print(f"  {op:44s}{seconds * 1e3:+8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,19 @@ def test_the_voc_like_scene_trains_on_its_own_data_and_sizes_its_recall_by_its_o
     voc_like = bench.where_it_fails(found, truth, bench.SCENES["voc-like"]["size_edges"])
     assert (crowded["recall_large"], crowded["recall_medium"]) == (1.0, 0.0)
     assert (voc_like["recall_large"], voc_like["recall_medium"]) == (0.0, 1.0)
+
+
+def test_speed_benchmark_builds_both_libraries_detectors_and_profiles_ours_above_the_floor():
+    import bench_vs_torchvision as speed
+
+    names = [speed.FLOOR, "FCOS ours", "FCOS torchvision", "Faster R-CNN ours", "Faster R-CNN torchvision"]
+    runners = speed.make_runners(names, batch_size=2, device=torch.device("cpu"))
+    train, infer, first = speed.time_interleaved(runners, steps=1, warmup=1, device=torch.device("cpu"))
+    assert set(train) == set(infer) == set(first) == set(names)
+    assert all(seconds > 0 for times in (train, infer) for seconds in times.values())
+    assert all(train_s > 0 and infer_s > 0 for train_s, infer_s in first.values())
+    above = speed.profile_above_floor(runners, steps=1, top=5)
+    assert set(above) == {"FCOS ours", "Faster R-CNN ours"}
+    for ops in above.values():
+        assert len(ops) == 5 and all(seconds > 0 for _, seconds in ops)
+        assert any("convolution" in op for op, _ in ops)  # the heads' convolutions, forward or backward
