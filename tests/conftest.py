@@ -90,9 +90,37 @@ def forbidden_names_from_environment():
     return found
 
 
+_NO_MARK = pytest.mark.complete.mark  # stands in for a missing marker (no start_first)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--complete",
+        action="store_true",
+        help="also run the tests marked complete: both notebooks top to bottom and the grading of whole releases",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --complete, leave out the tests marked ``complete`` (reported as deselected). With it, the ones
+    marked ``complete(start_first=True)`` (the notebook runs, minutes each) go first: pytest-xdist then
+    starts them on different workers at once, and the rest runs beside them instead of after them."""
+    if config.getoption("--complete"):
+        first = [item for item in items if item.get_closest_marker("complete", _NO_MARK).kwargs.get("start_first")]
+        items[:] = first + [item for item in items if item not in first]
+        return
+    left_out = [item for item in items if item.get_closest_marker("complete")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("complete")]
+
+
 def pytest_configure(config):
     _forbidden.clear()
     _forbidden.update(forbidden_names_from_environment())
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest-xdist's workers (-n), as many as there are cores:
+        torch.set_num_threads(1)  # one core each, for torch here and for the processes its tests start
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _frame_kind(filename: str):

@@ -36,6 +36,9 @@ GLOBAL_BATCH = 4
 _TRAIN_SET = SyntheticDetection("train", num_images=6, image_size=64, seed=1)  # one global batch per epoch
 _FCOS_SETTINGS = {"learning_rate": 0.02, "max_iters": 2, "warmup_iters": 0, "progress": False}
 
+# The tests that read the two_ranks runs stay on one pytest -n worker, so that the runs happen once.
+ON_TWO_RANKS = pytest.mark.xdist_group("two_ranks")
+
 
 def _tiny_fcos(dtype: torch.dtype = torch.float32) -> FCOS:
     torch.manual_seed(0)
@@ -317,6 +320,7 @@ def test_converting_a_detector_keeps_its_state_dict_and_tensors():
     FCOS(NUM_CLASSES, 16, [16, 16], pretrained=False).load_state_dict(after)  # a plain model takes them
 
 
+@ON_TWO_RANKS
 def test_sync_batchnorm_on_two_ranks_equals_batchnorm2d_on_the_whole_batch(two_ranks):
     ranks = [r["batchnorm"] for r in two_ranks.results]
     layer = nn.BatchNorm2d(3, momentum=0.3)
@@ -346,6 +350,7 @@ def test_mean_over_ranks_and_gathering_without_a_process_group():
 # ---------------------------------------------------------------------------------------------
 
 
+@ON_TWO_RANKS
 def test_two_ranks_train_fcos_like_one_process_with_the_global_batch(two_ranks):
     """Two ranks with 2 images each end where one process with the same 4 images per step ends.
 
@@ -373,6 +378,7 @@ def test_two_ranks_train_fcos_like_one_process_with_the_global_batch(two_ranks):
     _assert_same_state(checkpoint["model"], rank0["state"], rtol=0, atol=0)
 
 
+@ON_TWO_RANKS
 def test_object_balance_with_no_ground_truth_rows_on_one_rank(two_ranks):
     rank0, rank1 = (r["object_balance"] for r in two_ranks.results)
     # Over both ranks: object a has 1 location (raw weight 1), b has 4 (raw 1/2 each), rank 1 none. The 5
@@ -383,6 +389,7 @@ def test_object_balance_with_no_ground_truth_rows_on_one_rank(two_ranks):
     assert rank0["losses"]["loss_box"] > 0 and rank1["losses"]["loss_box"] == 0 and rank1["losses"]["loss_cls"] > 0
 
 
+@ON_TWO_RANKS
 def test_a_detector_wrapped_by_the_caller_trains_and_saves_plain_weights(two_ranks):
     rank0 = two_ranks.results[0]["faster_rcnn_fcos"]  # wrapped in DDP by the job (the ranks agree: next test)
     checkpoint = a4_helper.read_checkpoint(two_ranks.folder / "faster_rcnn_fcos.pt")
@@ -390,6 +397,7 @@ def test_a_detector_wrapped_by_the_caller_trains_and_saves_plain_weights(two_ran
     _assert_same_state(checkpoint["model"], rank0["state"], rtol=0, atol=0)
 
 
+@ON_TWO_RANKS
 def test_a_checkpoint_of_two_ranks_resumes_on_one_process(two_ranks, tmp_path):
     path = tmp_path / "fcos.pt"
     path.write_bytes((two_ranks.folder / "fcos.pt").read_bytes())
@@ -408,6 +416,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_process(two_ranks, tmp_path):
 
 
 @pytest.mark.parametrize("first_stage", ["rpn", "fcos"])
+@ON_TWO_RANKS
 def test_two_ranks_train_faster_rcnn_to_identical_weights(two_ranks, first_stage):
     """Each rank samples its own anchors and RoIs, DDP keeps the weights identical; and no parameter
     goes unused in a step (DDP, without find_unused_parameters, would stop in the second iteration)."""
@@ -418,6 +427,7 @@ def test_two_ranks_train_faster_rcnn_to_identical_weights(two_ranks, first_stage
     assert _max_difference(rank0["state"], initial, _parameter_names(_tiny_faster_rcnn(first_stage))) > 0
 
 
+@ON_TWO_RANKS
 def test_resumed_two_rank_run_ends_with_the_weights_of_an_uninterrupted_one(two_ranks):
     for result in two_ranks.results:
         uninterrupted, resumed = result["faster_rcnn_rpn"], result["resume"]
@@ -433,6 +443,7 @@ def test_resumed_two_rank_run_ends_with_the_weights_of_an_uninterrupted_one(two_
 # ---------------------------------------------------------------------------------------------
 
 
+@ON_TWO_RANKS
 def test_torchrun_trains_writes_once_from_rank_0_and_a_rerun_resumes(two_ranks, tmp_path):
     out = two_ranks.cli
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.json", "predictions.png"]

@@ -127,6 +127,7 @@ def _execute(name, cwd, tmp_path, monkeypatch):
     return notebook
 
 
+@pytest.mark.complete(start_first=True)
 @pytest.mark.parametrize("name, cwd", NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_in_quick_mode_and_draws_every_picture(name, cwd, monkeypatch, tmp_path):
     notebook = _execute(name, cwd, tmp_path, monkeypatch)
@@ -149,3 +150,46 @@ def test_notebook_runs_in_quick_mode_and_draws_every_picture(name, cwd, monkeypa
     # Progress bars collapse to one output (a widget in Jupyter) instead of one output per refresh.
     crowded = [number for number, cell in enumerate(code_cells) if len(cell.outputs) > 8]
     assert not crowded, f"code cells {crowded} have more than 8 outputs"
+
+
+class _Item:
+    def __init__(self, name, mark=None):
+        self.name, self.mark = name, mark
+
+    def get_closest_marker(self, name, default=None):
+        return self.mark if self.mark is not None and name == self.mark.name else default
+
+
+class _Config:
+    def __init__(self, complete):
+        self.complete, self.hook = complete, self
+        self.deselected = []
+
+    def getoption(self, name):
+        assert name == "--complete"
+        return self.complete
+
+    def pytest_deselected(self, items):
+        self.deselected += items
+
+
+def test_the_notebook_runs_are_marked_to_run_first_and_with_complete_only():
+    import conftest
+
+    marks = test_notebook_runs_in_quick_mode_and_draws_every_picture.pytestmark
+    assert any(mark.name == "complete" and mark.kwargs == {"start_first": True} for mark in marks)
+    for complete in (False, True):
+        items = [
+            _Item("unit"),
+            _Item("grading", pytest.mark.complete.mark),
+            _Item("notebook", pytest.mark.complete(start_first=True).mark),
+            _Item("another unit"),
+        ]
+        config = _Config(complete)
+        conftest.pytest_collection_modifyitems(config, items)
+        if complete:
+            assert [item.name for item in items] == ["notebook", "unit", "grading", "another unit"]
+            assert config.deselected == []
+        else:
+            assert [item.name for item in items] == ["unit", "another unit"]
+            assert [item.name for item in config.deselected] == ["grading", "notebook"]

@@ -605,6 +605,7 @@ def _mean_first_and_last(history, names, n=10):
     return sum(totals[:n]) / n, sum(totals[-n:]) / n
 
 
+@pytest.mark.xdist_group("overfit_run")  # one worker trains it, for both tests (pytest -n)
 def test_rpn_learns_to_propose_the_objects(overfit_run):
     first, last = _mean_first_and_last(overfit_run["history"], ["loss_rpn_obj", "loss_rpn_box"])
     assert last <= first / 2
@@ -618,6 +619,7 @@ def test_rpn_learns_to_propose_the_objects(overfit_run):
     assert recall >= 0.9
 
 
+@pytest.mark.xdist_group("overfit_run")
 def test_faster_rcnn_learns_to_detect(overfit_run):
     names = ["loss_rpn_obj", "loss_rpn_box", "loss_cls", "loss_box"]
     first, last = _mean_first_and_last(overfit_run["history"], names)
