@@ -635,7 +635,9 @@ def _add_train_command(commands) -> None:
     )
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument(
-        "--compile", action="store_true", help="torch.compile the backbone and heads (slow start, faster steps)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the backbone and heads; for GPUs (on a CPU: a minute to compile, no faster)",
     )
     _add_common_options(train)
     train.set_defaults(func=cmd_train)

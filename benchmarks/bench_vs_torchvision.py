@@ -263,7 +263,7 @@ def profile_above_floor(runners: Dict[str, Runner], steps: int = 3, top: int = 8
     floor's (the channels-last backbone + FPN) the most: ``[(operator, extra seconds), ...]``."""
     floor = self_time_per_step(runners[FLOOR], steps)
     above = {}
-    for name in (name for name in runners if "ours" in name):
+    for name in (name for name in runners if "ours" in name and not name.endswith(COMPILED)):
         ours = self_time_per_step(runners[name], steps)
         extra = {op: ours.get(op, 0.0) - floor.get(op, 0.0) for op in set(ours) | set(floor)}
         above[name] = sorted(extra.items(), key=lambda item: -item[1])[:top]
