@@ -157,7 +157,7 @@ class DetectorBackboneWithFPN(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.fold_batchnorm = fold_batchnorm
-        self._folded_trunk = None  # (key, module): not a submodule, so neither in state_dict() nor in .to()
+        self._folded_trunk = None  # a _FoldedTrunk in eval mode: not a submodule, so not in state_dict() or .to()
         self.levels = check_fpn_levels(levels)
         self.fine_p3 = fine_p3
         self._stages = tuple(f"c{level[1:]}" for level in self.levels)  # "p3" is built from "c3"

@@ -221,30 +221,39 @@ def _forkserver():
 # A forked child's work: pytest run in ``tree`` with ``env``, as ``python -m pytest`` would run there. It reaches the
 # child as text (``exec``), so that the forkserver needs nothing of this file importable, whatever its sys.path.
 _CHILD_SOURCE = """
-import os, sys
+import os, sys, traceback
 os.setsid()  # a process group of its own, so that a timeout stops whatever its tests started too
-os.environ.clear()
-os.environ.update(env)
-os.chdir(tree)
-sys.path.insert(0, tree)  # the tree's modules come first, as with python -m pytest run in it
-with open(log, "wb") as out:
-    os.dup2(out.fileno(), 1)
-    os.dup2(out.fileno(), 2)
-if "torch" in sys.modules:  # imported by the server, before env's OMP_NUM_THREADS could apply
-    sys.modules["torch"].set_num_threads(max(int(env.get("OMP_NUM_THREADS", "1")), 1))
-import pytest
-code = pytest.main(pytest_args)
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(int(code))
+code = 3  # pytest's "internal error" if anything below fails before pytest runs: the part gets 0
+try:
+    os.environ.clear()
+    os.environ.update(env)
+    with open(log, "wb") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    os.chdir(tree)
+    sys.path.insert(0, tree)  # the tree's modules come first, as with python -m pytest run in it
+    if "torch" in sys.modules:  # imported by the server, before env's OMP_NUM_THREADS could apply
+        sys.modules["torch"].set_num_threads(max(int(env.get("OMP_NUM_THREADS", "1")), 1))
+    import pytest
+    code = int(pytest.main(pytest_args))
+except BaseException:
+    traceback.print_exc()
+finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 """
 
 
 def _stop_group(pid: int) -> None:
+    """Kill process ``pid`` and its process group (whatever its tests started)."""
     try:
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # not yet its own group leader: the process alone
-        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # not yet its own group leader, or already gone
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_pytest(tree: Path, nodes: list, junit: Path, log: Path, time_limit: float, env=None):
