@@ -262,13 +262,17 @@ def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     With ``s = bn.weight / sqrt(bn.running_var + bn.eps)`` per output channel: ``weight' = weight * s``
     and ``bias' = (bias - running_mean) * s + bn.bias``.
     """
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    dtype = torch.promote_types(conv.weight.dtype, torch.float32)  # folded in float32 at least, stored as before
+    mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    gamma = bn.weight.to(dtype) if bn.affine else torch.ones_like(mean)
+    beta = bn.bias.to(dtype) if bn.affine else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (C_out,)
+    bias = conv.bias.to(dtype) if conv.bias is not None else torch.zeros_like(mean)
     folded = copy.deepcopy(conv)
     layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) else None
-    weight = conv.weight * scale[:, None, None, None]
+    weight = (conv.weight.to(dtype) * scale[:, None, None, None]).to(conv.weight.dtype)
     folded.weight = nn.Parameter(weight.contiguous(memory_format=layout or torch.contiguous_format))
-    folded.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+    folded.bias = nn.Parameter(((bias - mean) * scale + beta).to(conv.weight.dtype))
     return folded
 
 

@@ -268,16 +268,19 @@ def _with_running_statistics(module: torch.nn.Module, seed: int = 0) -> torch.nn
             channels = bn.num_features
             bn.running_mean.copy_(torch.randn(channels, generator=generator))
             bn.running_var.copy_(torch.rand(channels, generator=generator) * 2 + 0.1)
-            bn.weight.copy_(torch.randn(channels, generator=generator))
-            bn.bias.copy_(torch.randn(channels, generator=generator))
+            if bn.affine:
+                bn.weight.copy_(torch.randn(channels, generator=generator))
+                bn.bias.copy_(torch.randn(channels, generator=generator))
     return module
 
 
-@pytest.mark.parametrize(("groups", "bias"), [(1, False), (1, True), (2, False)])
-def test_fold_batchnorm_into_conv_equals_conv_then_batchnorm(groups, bias):
+@pytest.mark.parametrize(
+    ("groups", "bias", "affine"), [(1, False, True), (1, True, True), (2, False, True), (1, True, False)]
+)
+def test_fold_batchnorm_into_conv_equals_conv_then_batchnorm(groups, bias, affine):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=groups, bias=bias)
-    bn = _with_running_statistics(torch.nn.BatchNorm2d(6)).eval()
+    bn = _with_running_statistics(torch.nn.BatchNorm2d(6, affine=affine)).eval()
     x = torch.randn(2, 8, 9, 7)
     with torch.no_grad():
         assert_close(common.fold_batchnorm_into_conv(conv, bn)(x), bn(conv(x)), rtol=1e-5, atol=1e-5)
