@@ -150,8 +150,11 @@ def test_speed_benchmark_builds_both_libraries_detectors_and_profiles_ours_above
     assert set(train) == set(infer) == set(first) == set(names)
     assert all(seconds > 0 for times in (train, infer) for seconds in times.values())
     assert all(train_s > 0 and infer_s > 0 for train_s, infer_s in first.values())
-    above = speed.profile_above_floor(runners, steps=1, top=5)
+    above = speed.profile_above_floor(runners, steps=1, top=1000)
     assert set(above) == {"FCOS ours", "Faster R-CNN ours"}
     for ops in above.values():
-        assert len(ops) == 5 and all(seconds > 0 for _, seconds in ops)
-        assert any("convolution" in op for op, _ in ops)  # the heads' convolutions, forward or backward
+        extra = [seconds for _, seconds in ops]
+        assert extra == sorted(extra, reverse=True)
+    # Operators that only the detectors run show up above the floor with all of their time:
+    assert dict(above["FCOS ours"])["aten::native_group_norm"] > 0  # the FCOS head's GroupNorm
+    assert dict(above["Faster R-CNN ours"])["aten::_embedding_bag"] > 0  # RoI Align's weighted gather
