@@ -90,9 +90,6 @@ def forbidden_names_from_environment():
     return found
 
 
-_NO_MARK = pytest.mark.complete.mark  # stands in for a missing marker (no start_first)
-
-
 def pytest_addoption(parser):
     parser.addoption(
         "--complete",
@@ -106,13 +103,17 @@ def pytest_collection_modifyitems(config, items):
     marked ``complete(start_first=True)`` (the notebook runs, minutes each) go first: pytest-xdist then
     starts them on different workers at once, and the rest runs beside them instead of after them."""
     if config.getoption("--complete"):
-        first = [item for item in items if item.get_closest_marker("complete", _NO_MARK).kwargs.get("start_first")]
-        items[:] = first + [item for item in items if item not in first]
+        items.sort(key=lambda item: not _starts_first(item))  # stable: the rest keep their order
         return
     left_out = [item for item in items if item.get_closest_marker("complete")]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if not item.get_closest_marker("complete")]
+
+
+def _starts_first(item) -> bool:
+    mark = item.get_closest_marker("complete")
+    return mark is not None and mark.kwargs.get("start_first", False)
 
 
 def pytest_configure(config):

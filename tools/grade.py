@@ -263,9 +263,10 @@ def run_pytest(tree: Path, nodes: list, junit: Path, log: Path, time_limit: floa
     seconds less per part); it imports nothing of ``tree`` before the fork. Elsewhere it is a new Python process.
     """
     env = env if env is not None else pytest_env({})
+    pytest_args = [*PYTEST_ARGS, f"--junitxml={junit}", *nodes]
     context = _forkserver()
     if context is None:
-        command = [sys.executable, "-m", "pytest", *PYTEST_ARGS, f"--junitxml={junit}", *nodes]
+        command = [sys.executable, "-m", "pytest", *pytest_args]
         with open(log, "wb") as out:
             proc = subprocess.Popen(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -275,7 +276,6 @@ def run_pytest(tree: Path, nodes: list, junit: Path, log: Path, time_limit: floa
                 _stop_group(proc.pid)
                 proc.wait()
                 return None
-    pytest_args = [*PYTEST_ARGS, f"--junitxml={junit}", *nodes]
     names = {"tree": str(tree), "log": str(log), "env": env, "pytest_args": pytest_args}
     child = context.Process(target=exec, args=(_CHILD_SOURCE, names))
     child.start()
